@@ -1,0 +1,3 @@
+from xllm.main import main
+
+raise SystemExit(main())

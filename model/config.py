@@ -1,0 +1,163 @@
+"""Typed configuration of an xllm model directory (`xllm.json`).
+
+A model directory holds:
+    xllm.json               this config
+    llm/                    HF causal LM + tokenizer (or `llm.path` names an external local checkpoint)
+    vision/                 BLIP-2 vision tower + image processor (or a full Salesforce/blip2-* checkpoint)
+    speech/                 Whisper encoder (or a full Whisper checkpoint) + feature extractor
+    interfaces.safetensors  the trainable X2L weights only
+Relative paths are resolved against the model directory; absolute paths are used in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_NAME = "xllm.json"
+INTERFACES_NAME = "interfaces.safetensors"
+FORMAT_VERSION = 1
+
+Modality = Literal["image", "audio", "video"]
+MODALITIES: tuple[Modality, ...] = ("image", "audio", "video")
+
+
+class ModelConfigError(ValueError):
+    """The model directory or its config is missing something; the message names it."""
+
+
+@dataclass
+class ComponentPath:
+    path: str  # local directory, relative to the model directory or absolute
+
+
+@dataclass
+class QFormerInterfaceConfig:
+    """I2L and V2L: BLIP-2's Q-Former shared by images and video frames, each with its own queries."""
+
+    num_query_tokens: int = 32  # learned queries per image / per video frame (X-LLM: 32)
+    qformer: dict[str, Any] = field(default_factory=dict)  # Blip2QFormerConfig kwargs (BERT-base)
+    max_frames: int = 8  # size of the learned frame-position (temporal) table for video
+    video_fps: float = 1.0  # frames sampled per second of video
+    # Where the Q-Former + image queries were initialised from (a BLIP-2 checkpoint); informative.
+    init_from: str | None = None
+
+
+@dataclass
+class SpeechInterfaceConfig:
+    """S2L: the C-Former (CIF + transformer stack) or SLAM-ASR's frame-stacking projector."""
+
+    type: Literal["cformer", "frame_stack"] = "cformer"
+    # C-Former
+    hidden_size: int = 512  # width of the CIF outputs and the transformer stack (X-LLM: 512)
+    num_layers: int = 2
+    num_heads: int = 8
+    weight_kernel_size: int = 3  # conv over encoder frames feeding the per-frame CIF weight
+    cif_threshold: float = 1.0
+    # frame_stack
+    stack_frames: int = 5  # frames concatenated per output token (50 Hz -> 10 Hz)
+    mlp_hidden_size: int = 2048
+
+
+@dataclass
+class Tags:
+    """Text tags wrapped around each media item's embeddings in the prompt."""
+
+    image: tuple[str, str] = ("<image>", "</image>")
+    audio: tuple[str, str] = ("<audio>", "</audio>")
+    video: tuple[str, str] = ("<video>", "</video>")
+
+    def of(self, modality: Modality) -> tuple[str, str]:
+        return getattr(self, modality)
+
+
+@dataclass
+class SamplingDefaults:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 512
+
+
+@dataclass
+class XLLMConfig:
+    llm: ComponentPath = field(default_factory=lambda: ComponentPath("llm"))
+    vision: ComponentPath | None = None
+    speech: ComponentPath | None = None
+    image_interface: QFormerInterfaceConfig | None = None  # also serves video (V2L)
+    speech_interface: SpeechInterfaceConfig | None = None
+    tags: Tags = field(default_factory=Tags)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    system_prompt: str | None = None
+    name: str = "xllm"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        found: list[Modality] = []
+        if self.vision is not None and self.image_interface is not None:
+            found += ["image", "video"]
+        if self.speech is not None and self.speech_interface is not None:
+            found.append("audio")
+        return tuple(found)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> XLLMConfig:
+        def sub(key: str, kind: type) -> Any:
+            value = raw.get(key)
+            if value is None:
+                return None
+            try:
+                return kind(**value)
+            except TypeError as exc:
+                raise ModelConfigError(f"{CONFIG_NAME}: bad '{key}' section: {exc}") from None
+
+        if "llm" not in raw:
+            raise ModelConfigError(f"{CONFIG_NAME}: missing key 'llm'")
+        tags = {k: tuple(v) for k, v in raw.get("tags", {}).items()}
+        return cls(
+            llm=sub("llm", ComponentPath),
+            vision=sub("vision", ComponentPath),
+            speech=sub("speech", ComponentPath),
+            image_interface=sub("image_interface", QFormerInterfaceConfig),
+            speech_interface=sub("speech_interface", SpeechInterfaceConfig),
+            tags=Tags(**tags),
+            sampling=SamplingDefaults(**raw.get("sampling", {})),
+            system_prompt=raw.get("system_prompt"),
+            name=raw.get("name", "xllm"),
+            format_version=raw.get("format_version", FORMAT_VERSION),
+        )
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> XLLMConfig:
+        path = Path(model_dir) / CONFIG_NAME
+        if not Path(model_dir).is_dir():
+            raise ModelConfigError(f"model directory not found: {model_dir}")
+        if not path.is_file():
+            raise ModelConfigError(f"{path} not found: not an xllm model directory")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelConfigError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(raw)
+
+    def save(self, model_dir: str | Path) -> None:
+        Path(model_dir).mkdir(parents=True, exist_ok=True)
+        (Path(model_dir) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def resolve(model_dir: str | Path, component: ComponentPath, what: str) -> Path:
+    """Absolute path of a component, with an error naming it when it is missing."""
+    path = Path(component.path)
+    if not path.is_absolute():
+        path = Path(model_dir) / path
+    if not path.is_dir():
+        raise ModelConfigError(f"{what} checkpoint not found: {path} (set '{what}.path' in xllm.json)")
+    return path

@@ -1,0 +1,108 @@
+"""Frozen speech encoder: Whisper's encoder, applied window by window so long audio is never cut."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from xllm.model.config import ModelConfigError
+from xllm.model.encoders.vision import read_model_type
+
+# Whisper: 100 mel frames per second; two convs (the second with stride 2) give 50 frames/s.
+MEL_FRAMES_PER_ENCODER_FRAME = 2
+
+
+class SpeechEncoder(nn.Module):
+    """16 kHz waveform of any length -> encoder frames (T, d_model) at 50 frames/s.
+
+    Whisper's encoder only takes fixed windows (30 s for real checkpoints: `max_source_positions`
+    1500 frames). Longer audio is cut into consecutive windows, each encoded, and the frames that
+    cover real audio are concatenated in time; the padding frames of the last window are dropped.
+    """
+
+    def __init__(self, model: WhisperEncoder, feature_extractor: WhisperFeatureExtractor) -> None:
+        super().__init__()
+        self.model = model
+        self.feature_extractor = feature_extractor
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.d_model
+
+    @property
+    def window_samples(self) -> int:
+        return self.feature_extractor.n_samples
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.feature_extractor.hop_length * MEL_FRAMES_PER_ENCODER_FRAME
+
+    @classmethod
+    def from_pretrained(cls, path: Path) -> SpeechEncoder:
+        """Load a saved `WhisperEncoder`, or the encoder of a full Whisper checkpoint."""
+        model_type = read_model_type(path)
+        if model_type != "whisper":
+            raise ModelConfigError(f"{path}: expected a Whisper checkpoint, found '{model_type}'")
+        config = WhisperConfig.from_pretrained(path)
+        architectures = config.architectures or []
+        if any(a in ("WhisperForConditionalGeneration", "WhisperModel") for a in architectures):
+            encoder = WhisperModel.from_pretrained(path, dtype=torch.float32).get_encoder()
+        else:
+            encoder = WhisperEncoder.from_pretrained(path, dtype=torch.float32)
+        extractor = WhisperFeatureExtractor.from_pretrained(path)
+        expected = encoder.config.max_source_positions * MEL_FRAMES_PER_ENCODER_FRAME
+        if extractor.nb_max_frames != expected:
+            raise ModelConfigError(
+                f"{path}: feature extractor windows ({extractor.nb_max_frames} mel frames) do not "
+                f"match the encoder ({expected})"
+            )
+        return cls(encoder.eval().requires_grad_(False), extractor)
+
+    def preprocess(self, waveform: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Waveform (S,) -> (log-mel windows (W, n_mels, window_frames), encoder frames to keep)."""
+        window = self.window_samples
+        n_windows = max(1, math.ceil(len(waveform) / window))
+        chunks = [waveform[i * window : (i + 1) * window] for i in range(n_windows)]
+        features = self.feature_extractor(
+            chunks, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt"
+        )["input_features"]
+        frames = max(1, math.ceil(len(waveform) / self.samples_per_frame))
+        return features, frames
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (W, n_mels, window_frames) -> (W, P, d_model); W may mix several clips."""
+        dtype = self.model.conv1.weight.dtype
+        return self.model(input_features=features.to(dtype)).last_hidden_state
+
+    @staticmethod
+    def join_windows(hidden: torch.Tensor, windows: list[int], frames: list[int]) -> list[torch.Tensor]:
+        """Split a batch of windows (W, P, D) back per clip and join each clip's windows in time.
+
+        windows[i] windows and frames[i] real frames belong to clip i; returns [(frames[i], D)].
+        """
+        out = []
+        for chunk, keep in zip(hidden.split(windows), frames, strict=True):
+            out.append(chunk.reshape(-1, chunk.shape[-1])[:keep])
+        return out
+
+
+def tiny_whisper_config(window_seconds: int = 5) -> WhisperConfig:
+    # 50 encoder frames per second of audio.
+    return WhisperConfig(
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        num_mel_bins=80,
+        max_source_positions=50 * window_seconds,
+        vocab_size=64,
+    )

@@ -1,0 +1,74 @@
+"""The frozen LLM: any local HF causal LM (first-class: GlmForCausalLM), optionally quantized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from xllm.model.config import ModelConfigError
+
+Quantize = Literal["none", "nf4", "int8"]
+QUANTIZE_CHOICES: tuple[str, ...] = ("none", "nf4", "int8")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on GPUs that support it (the fast path), float32 on the CPU."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelConfigError(f"unknown dtype '{dtype}'; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def quantization_config(quantize: Quantize, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantize == "none":
+        return None
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ModelConfigError(f"unknown quantization '{quantize}'; choose one of {QUANTIZE_CHOICES}")
+
+
+def load_llm(
+    path: Path, device: torch.device, dtype: torch.dtype, quantize: Quantize = "none"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the LLM frozen in eval mode; only the LLM is ever quantized (encoders stay float)."""
+    if not (path / "config.json").is_file():
+        raise ModelConfigError(f"LLM checkpoint has no config.json: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
+    qconfig = quantization_config(quantize, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qconfig is None:
+        model = model.to(device)
+    model.eval().requires_grad_(False)
+    return model, tokenizer

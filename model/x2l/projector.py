@@ -1,0 +1,33 @@
+"""SLAM-ASR's frame-stacking projector: the simple, strong alternative speech interface."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class FrameStackProjector(nn.Module):
+    """Encoder frames (T, De) -> LLM tokens (ceil(T / k), H): k frames stacked, then a 2-layer MLP."""
+
+    def __init__(self, encoder_hidden: int, llm_hidden: int, stack_frames: int = 5, mlp_hidden: int = 2048):
+        super().__init__()
+        self.stack_frames = stack_frames
+        self.mlp = nn.Sequential(
+            nn.Linear(encoder_hidden * stack_frames, mlp_hidden),
+            nn.GELU(),
+            nn.Linear(mlp_hidden, llm_hidden),
+        )
+
+    def stack(self, frames: torch.Tensor) -> torch.Tensor:
+        k = self.stack_frames
+        pad = (-frames.shape[0]) % k
+        frames = F.pad(frames, (0, 0, 0, pad))  # repeat nothing: zero frames complete the last group
+        return frames.reshape(-1, k * frames.shape[-1])
+
+    def forward(
+        self, frames: list[torch.Tensor], target_lens: list[int] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Same signature as the C-Former; there is no quantity, so it returns zeros."""
+        tokens = [self.mlp(self.stack(f)) for f in frames]
+        return tokens, torch.zeros(len(frames), device=tokens[0].device if tokens else None)
