@@ -1,7 +1,58 @@
-"""The `xllm` command: one parser, each subcommand registered by the package that owns it."""
+"""The `xllm` command: one parser; each subcommand is registered by the package that owns it.
+
+Subcommand modules define `register(subparsers)` and keep heavy imports (torch, transformers)
+inside their handlers, so `xllm --help` and argument errors answer at once.
+"""
 
 from __future__ import annotations
+
+import argparse
+import importlib
 import sys
-def main(argv=None) -> int:
-    print("xllm")
-    return 0
+from collections.abc import Sequence
+
+from xllm import __version__
+
+COMMAND_MODULES = (
+    "xllm.model.cli",
+    "xllm.server.cli",
+    "xllm.clients.chat_cli",
+    "xllm.model.train.cli",
+)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad file, bad flag value): one line on stderr, exit code 2."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the user's input was wrong", mapped to exit code 2."""
+    from xllm.model.config import ModelConfigError
+    from xllm.model.media import MediaError
+    from xllm.model.prompt import PromptError
+
+    return (UserError, ModelConfigError, MediaError, PromptError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xllm", description="X-LLM multimodal chat: models, training and an inference server."
+    )
+    parser.add_argument("--version", action="version", version=f"xllm {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if isinstance(exc, user_error_types()):
+            print(f"xllm {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise

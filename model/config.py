@@ -159,5 +159,7 @@ def resolve(model_dir: str | Path, component: ComponentPath, what: str) -> Path:
     if not path.is_absolute():
         path = Path(model_dir) / path
     if not path.is_dir():
-        raise ModelConfigError(f"{what} checkpoint not found: {path} (set '{what}.path' in xllm.json)")
+        raise ModelConfigError(
+            f"{what} checkpoint not found: {path} (set '{what}.path' in xllm.json)"
+        )
     return path

@@ -13,7 +13,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
 from xllm.model.config import ModelConfigError
 
 Quantize = Literal["none", "nf4", "int8"]
@@ -40,7 +39,9 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def quantization_config(quantize: Quantize, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def quantization_config(
+    quantize: Quantize, compute_dtype: torch.dtype
+) -> BitsAndBytesConfig | None:
     if quantize == "none":
         return None
     if quantize == "nf4":

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
 from xllm.model.config import ModelConfigError
 from xllm.model.encoders.vision import read_model_type
 
@@ -81,7 +80,9 @@ class SpeechEncoder(nn.Module):
         return self.model(input_features=features.to(dtype)).last_hidden_state
 
     @staticmethod
-    def join_windows(hidden: torch.Tensor, windows: list[int], frames: list[int]) -> list[torch.Tensor]:
+    def join_windows(
+        hidden: torch.Tensor, windows: list[int], frames: list[int]
+    ) -> list[torch.Tensor]:
         """Split a batch of windows (W, P, D) back per clip and join each clip's windows in time.
 
         windows[i] windows and frames[i] real frames belong to clip i; returns [(frames[i], D)].
@@ -104,5 +105,10 @@ def tiny_whisper_config(window_seconds: int = 5) -> WhisperConfig:
         decoder_ffn_dim=64,
         num_mel_bins=80,
         max_source_positions=50 * window_seconds,
+        # The decoder is never used; its token ids only have to lie inside its vocabulary.
         vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=1,
     )

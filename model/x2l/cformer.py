@@ -93,9 +93,10 @@ class CFormer(nn.Module):
         """CIF outputs [(N_i, hidden)] -> contextualised token states [(N_i, hidden)], batched."""
         lengths = [f.shape[0] for f in fires]
         padded = nn.utils.rnn.pad_sequence(fires, batch_first=True)  # (B, N_max, hidden)
-        pad_mask = torch.arange(padded.shape[1], device=padded.device)[None, :] >= torch.tensor(
-            lengths, device=padded.device
-        )[:, None]
+        pad_mask = (
+            torch.arange(padded.shape[1], device=padded.device)[None, :]
+            >= torch.tensor(lengths, device=padded.device)[:, None]
+        )
         states = self.norm(self.stack(padded, src_key_padding_mask=pad_mask))
         return [s[:n] for s, n in zip(states, lengths, strict=True)]
 

@@ -10,7 +10,9 @@ from torch.nn import functional as F
 class FrameStackProjector(nn.Module):
     """Encoder frames (T, De) -> LLM tokens (ceil(T / k), H): k frames stacked, then a 2-layer MLP."""
 
-    def __init__(self, encoder_hidden: int, llm_hidden: int, stack_frames: int = 5, mlp_hidden: int = 2048):
+    def __init__(
+        self, encoder_hidden: int, llm_hidden: int, stack_frames: int = 5, mlp_hidden: int = 2048
+    ):
         super().__init__()
         self.stack_frames = stack_frames
         self.mlp = nn.Sequential(
@@ -22,7 +24,9 @@ class FrameStackProjector(nn.Module):
     def stack(self, frames: torch.Tensor) -> torch.Tensor:
         k = self.stack_frames
         pad = (-frames.shape[0]) % k
-        frames = F.pad(frames, (0, 0, 0, pad))  # repeat nothing: zero frames complete the last group
+        frames = F.pad(
+            frames, (0, 0, 0, pad)
+        )  # repeat nothing: zero frames complete the last group
         return frames.reshape(-1, k * frames.shape[-1])
 
     def forward(

@@ -59,7 +59,9 @@ class VideoInterface(nn.Module):
     query outputs get the learned temporal embedding t before the projection.
     """
 
-    def __init__(self, qformer_hidden: int, num_query_tokens: int, max_frames: int, llm_hidden: int):
+    def __init__(
+        self, qformer_hidden: int, num_query_tokens: int, max_frames: int, llm_hidden: int
+    ):
         super().__init__()
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, qformer_hidden) * 0.02)
         self.frame_position = nn.Embedding(max_frames, qformer_hidden)
@@ -73,7 +75,9 @@ class VideoInterface(nn.Module):
     def forward(self, frame_patches: torch.Tensor, image: ImageInterface) -> torch.Tensor:
         frames = frame_patches.shape[0]
         if frames > self.max_frames:
-            raise ValueError(f"video has {frames} frames; this model takes at most {self.max_frames}")
+            raise ValueError(
+                f"video has {frames} frames; this model takes at most {self.max_frames}"
+            )
         tokens = image.query(frame_patches, self.query_tokens)  # (T, Q, Dq)
         positions = torch.arange(frames, device=tokens.device)
         tokens = tokens + self.frame_position(positions)[:, None, :]

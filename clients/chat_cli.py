@@ -1,0 +1,5 @@
+"""Placeholder until the chat client lands (being written)."""
+
+
+def register(subparsers) -> None:
+    pass

@@ -1,0 +1,160 @@
+"""Model directories: load an `XLLM` from `xllm.json` + components, save trained interfaces."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Blip2Config
+from xllm.model.config import (
+    INTERFACES_NAME,
+    ComponentPath,
+    ModelConfigError,
+    XLLMConfig,
+    resolve,
+)
+from xllm.model.encoders.speech import SpeechEncoder
+from xllm.model.encoders.vision import VisionEncoder, load_prefixed_state_dict
+from xllm.model.llm import Quantize, load_llm, pick_device, pick_dtype
+from xllm.model.xllm import XLLM
+
+log = logging.getLogger(__name__)
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantize: Quantize = "none",
+    require_interfaces: bool = True,
+) -> XLLM:
+    """Load a model directory. Errors name the missing file or key (ModelConfigError).
+
+    require_interfaces=False lets training start from fresh (or BLIP-2-initialised) interfaces.
+    """
+    model_dir = Path(model_dir)
+    config = XLLMConfig.load(model_dir)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+        llm, tokenizer = load_llm(
+            resolve(model_dir, config.llm, "llm"), torch_device, torch_dtype, quantize
+        )
+    vision = speech = None
+    if config.vision is not None:
+        vision = VisionEncoder.from_pretrained(resolve(model_dir, config.vision, "vision"))
+    if config.speech is not None:
+        speech = SpeechEncoder.from_pretrained(resolve(model_dir, config.speech, "speech"))
+    if config.image_interface is not None and config.image_interface.init_from:
+        blip2 = _resolve_path(model_dir, config.image_interface.init_from)
+        config.image_interface.qformer = Blip2Config.from_pretrained(blip2).qformer_config.to_dict()
+    model = XLLM(config, llm, tokenizer, vision, speech)
+    if config.image_interface is not None and config.image_interface.init_from:
+        load_blip2_qformer(model, _resolve_path(model_dir, config.image_interface.init_from))
+    weights = model_dir / INTERFACES_NAME
+    if weights.is_file():
+        load_interfaces(model, weights)
+    elif require_interfaces and model.interfaces():
+        raise ModelConfigError(
+            f"{weights} not found: the model directory has no trained interfaces"
+        )
+    # Encoders and interfaces run in float on the LLM's device; the LLM alone may be quantized.
+    encoder_dtype = torch_dtype if torch_device.type == "cuda" else torch.float32
+    for module in (vision, speech):
+        if module is not None:
+            module.to(torch_device, encoder_dtype)
+    for module in model.interfaces().values():
+        module.to(torch_device).eval().requires_grad_(False)
+    return model
+
+
+def _resolve_path(model_dir: Path, path: str) -> Path:
+    return resolve(model_dir, ComponentPath(path), "image_interface.init_from")
+
+
+def load_interfaces(model: XLLM, path: Path) -> None:
+    state = load_file(str(path))
+    modules = model.interfaces()
+    for name, module in modules.items():
+        prefix = f"{name}."
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not own:
+            raise ModelConfigError(f"{path}: no weights for '{name}'")
+        missing, unexpected = module.load_state_dict(own, strict=False)
+        if missing or unexpected:
+            raise ModelConfigError(
+                f"{path}: '{name}' missing keys {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    extra = sorted({k.split(".")[0] for k in state} - set(modules))
+    if extra:
+        raise ModelConfigError(f"{path}: weights for {extra}, which xllm.json does not configure")
+
+
+def load_blip2_qformer(model: XLLM, path: Path) -> None:
+    """Initialise the I2L Q-Former and queries (and the video queries) from a BLIP-2 checkpoint."""
+    assert model.image_interface is not None and model.video_interface is not None
+    qformer = load_prefixed_state_dict(path, "qformer.")
+    missing, _ = model.image_interface.qformer.load_state_dict(qformer, strict=False)
+    if missing:
+        raise ModelConfigError(f"{path}: Q-Former weights missing: {missing[:5]}")
+    queries = load_prefixed_state_dict(path, "query_tokens")[""]
+    with torch.no_grad():
+        model.image_interface.query_tokens.copy_(queries)
+        model.video_interface.query_tokens.copy_(
+            queries
+        )  # X-LLM: video starts from the image queries
+
+
+def save_interfaces(model: XLLM, out_dir: str | Path, base_dir: str | Path | None = None) -> None:
+    """Write a loadable model directory holding only the interfaces.
+
+    Components are referenced by absolute path (to `base_dir`'s components when given), so a
+    training run's output directory is usable at once by `xllm generate` and `xllm serve`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.replace(model.config)
+    if base_dir is not None:
+        base = Path(base_dir).resolve()
+        for name in ("llm", "vision", "speech"):
+            component = getattr(config, name)
+            if component is not None:
+                setattr(config, name, ComponentPath(str(resolve(base, component, name).resolve())))
+        if config.image_interface is not None and config.image_interface.init_from:
+            init = _resolve_path(base, config.image_interface.init_from).resolve()
+            config.image_interface = dataclasses.replace(
+                config.image_interface, init_from=str(init)
+            )
+    config.save(out)
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.interface_state_dict().items()
+    }
+    save_file(state, str(out / INTERFACES_NAME))
+
+
+def default_model_dir() -> Path:
+    """The model used when none is named: the packaged demo model, else a tiny random one.
+
+    The tiny model is made once under $XLLM_CACHE (default ~/.cache/xllm) and says what it is in
+    the log: it is random, for trying the plumbing, not for answers.
+    """
+    import os
+
+    demo = Path(__file__).parent / "demo"
+    if (demo / "xllm.json").is_file():
+        return demo
+    cache = Path(os.environ.get("XLLM_CACHE", Path.home() / ".cache" / "xllm")) / "tiny-random"
+    if not (cache / "xllm.json").is_file():
+        from xllm.model.tiny import init_tiny
+
+        log.warning("no demo model is packaged; creating a tiny random-weight model in %s", cache)
+        init_tiny(cache)
+    log.warning("serving the tiny RANDOM-weight model from %s (its answers are noise)", cache)
+    return cache

@@ -1,0 +1,112 @@
+"""`xllm init-tiny` and `xllm generate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+QUANTIZE = ("none", "nf4", "int8")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    init = subparsers.add_parser(
+        "init-tiny", help="write a tiny random-weight model directory (for tests and trials)"
+    )
+    init.add_argument("--out", required=True, type=Path, help="directory to create")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--speech-interface", choices=("cformer", "frame_stack"), default="cformer")
+    init.set_defaults(func=run_init_tiny)
+
+    gen = subparsers.add_parser("generate", help="answer one prompt with media, streamed to stdout")
+    add_model_arguments(gen)
+    gen.add_argument("--prompt", required=True, help="the user's message")
+    gen.add_argument("--system", default=None, help="system prompt")
+    gen.add_argument("--image", action="append", default=[], type=Path, metavar="FILE")
+    gen.add_argument("--audio", action="append", default=[], type=Path, metavar="FILE")
+    gen.add_argument("--video", action="append", default=[], type=Path, metavar="FILE")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--min-tokens", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(func=run_generate)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model directory (default: the built-in demo model)",
+    )
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none", help="quantize the LLM")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto"
+    )
+
+
+def run_init_tiny(args: argparse.Namespace) -> int:
+    from xllm.model.tiny import init_tiny
+
+    path = init_tiny(args.out, seed=args.seed, speech_interface=args.speech_interface)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from xllm.main import UserError
+    from xllm.model.checkpoint import default_model_dir, load_model
+    from xllm.model.config import XLLMConfig
+    from xllm.model.generate import generate, sampling_params
+    from xllm.model.media import load_media_file
+    from xllm.model.prompt import bind_media
+
+    model_dir = args.model or default_model_dir()
+    try:
+        params = sampling_params(
+            XLLMConfig.load(model_dir).sampling,
+            max_tokens=args.max_tokens,
+            min_tokens=args.min_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            ignore_eos=args.ignore_eos,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    # Media are decoded before the model loads, so a bad file fails fast.
+    files = [("image", p) for p in args.image] + [("audio", p) for p in args.audio]
+    files += [("video", p) for p in args.video]
+    decoded = [(kind, load_media_file(path, kind)) for kind, path in files]
+
+    model = load_model(model_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    turns = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+    try:
+        prepared = [model.prepare(kind, media) for kind, media in decoded]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with torch.inference_mode():
+        encoded = model.encode(prepared)
+        layout = model.layout(bind_media(turns, [kind for kind, _ in decoded]), encoded)
+        embeds = model.embed(layout, encoded)
+    if len(layout) + params.max_tokens > model.max_model_len:
+        raise UserError(
+            f"prompt ({len(layout)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+            f"model's context ({model.max_model_len} tokens)"
+        )
+    for delta in generate(model.llm, model.tokenizer, embeds, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,161 @@
+"""`xllm init-tiny`: a complete model directory with tiny random weights in the real architectures.
+
+Every component is the real class (GlmForCausalLM, Blip2VisionModel, Blip2QFormerModel,
+WhisperEncoder, the C-Former) at toy width, with a real byte-level BPE tokenizer trained by
+`tokenizers` on a small built-in corpus. Tests and the server's fallback model use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Blip2VisionModel,
+    GlmConfig,
+    GlmForCausalLM,
+    PreTrainedTokenizerFast,
+    WhisperFeatureExtractor,
+)
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from xllm.model.config import (
+    ComponentPath,
+    QFormerInterfaceConfig,
+    SpeechInterfaceConfig,
+    Tags,
+    XLLMConfig,
+)
+from xllm.model.encoders.speech import tiny_whisper_config
+from xllm.model.encoders.vision import tiny_vision_config
+from xllm.model.prompt import GLM4_CHAT_TEMPLATE
+
+# GLM-4's special tokens, in its order, then the media tags (kept whole by the tokenizer).
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+]
+TAG_TOKENS = ["<image>", "</image>", "<audio>", "</audio>", "<video>", "</video>"]
+
+CORPUS = """\
+a red circle. a green square. a blue triangle. a yellow star. a purple circle. an orange square.
+the circle is red. the square is green. the triangle is blue. the star is yellow.
+what color is the shape? what shape is this? which way does it move? describe the picture.
+the shape moves left. the shape moves right. the shape moves up. the shape moves down.
+What is in the image? Describe the image. What do you see? Transcribe the audio.
+Hello! How can I help you today? I can see an image, hear audio and watch a video.
+The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
+Large language models can read images, speech and video as if they were foreign languages.
+请忠实地识别该语音。请根据图片忠实地识别这段语音。这是一张图片。你好，很高兴见到你。
+0 1 2 3 4 5 6 7 8 9 10 100 1000. Yes. No. Maybe. Thank you. Goodbye.
+"""
+
+
+def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + TAG_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines() * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:] + TAG_TOKENS,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = GLM4_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_glm(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> GlmForCausalLM:
+    ids = tokenizer.convert_tokens_to_ids
+    config = GlmConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        partial_rotary_factor=0.5,
+        attention_bias=True,
+        max_position_embeddings=max_len,
+        pad_token_id=ids("<|endoftext|>"),
+        # GLM-4 stops on <|endoftext|>, <|user|> (the next turn) and <|observation|>.
+        eos_token_id=[ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")],
+        tie_word_embeddings=False,
+    )
+    model = GlmForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model
+
+
+def init_tiny(out: str | Path, seed: int = 0, speech_interface: str = "cformer") -> Path:
+    """Write a tiny random model directory to `out` and return its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer()
+    llm = tiny_glm(tokenizer)
+    llm.save_pretrained(out / "llm")
+    tokenizer.save_pretrained(out / "llm")
+
+    vision_config = tiny_vision_config()
+    Blip2VisionModel(vision_config).save_pretrained(out / "vision")
+    size = vision_config.image_size
+    BlipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(out / "vision")
+
+    whisper_config = tiny_whisper_config()
+    WhisperEncoder(whisper_config).save_pretrained(out / "speech")
+    window_seconds = whisper_config.max_source_positions // 50
+    WhisperFeatureExtractor(feature_size=80, chunk_length=window_seconds).save_pretrained(
+        out / "speech"
+    )
+
+    config = XLLMConfig(
+        llm=ComponentPath("llm"),
+        vision=ComponentPath("vision"),
+        speech=ComponentPath("speech"),
+        image_interface=QFormerInterfaceConfig(
+            num_query_tokens=8,
+            qformer={
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "cross_attention_frequency": 1,
+                "vocab_size": 64,
+            },
+            max_frames=8,
+        ),
+        speech_interface=SpeechInterfaceConfig(
+            type=speech_interface, hidden_size=32, num_layers=1, num_heads=2, mlp_hidden_size=64
+        ),
+        tags=Tags(),
+        name="xllm-tiny",
+    )
+    config.save(out)
+
+    # Interfaces: built through the real loader, so the saved file is exactly what loading expects.
+    from xllm.model.checkpoint import load_model, save_interfaces
+
+    torch.manual_seed(seed + 1)
+    model = load_model(out, device="cpu", require_interfaces=False)
+    save_interfaces(model, out)
+    return out

@@ -1,0 +1,225 @@
+"""X-LLM: frozen encoders -> trainable X2L interfaces -> spliced into a frozen LLM's input embeddings.
+
+Pipeline for a request (each step batched across all media items given together):
+    step 1: media decoded (xllm.model.media) and preprocessed (`prepare`: pixels, log-mel windows);
+    step 2: frozen encoders: BLIP-2 ViT over images and video frames, Whisper over audio windows;
+    step 3: X2L interfaces: Q-Former + projection (image), Q-Former with video queries + temporal
+            embeddings + projection (video), C-Former or frame stacking + projection (speech);
+    step 4: prompt layout (xllm.model.prompt) and embeddings with the media spans filled in;
+    step 5: decoding (xllm.model.generate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from xllm.model.config import Modality, XLLMConfig
+from xllm.model.encoders.speech import SpeechEncoder
+from xllm.model.encoders.vision import VisionEncoder
+from xllm.model.prompt import MediaSegment, Message, PromptLayout, build_layout, embed_layout
+from xllm.model.x2l.cformer import CFormer
+from xllm.model.x2l.projector import FrameStackProjector
+from xllm.model.x2l.qformer import ImageInterface, VideoInterface, build_qformer
+
+if TYPE_CHECKING:
+    from xllm.model.media import DecodedVideo
+
+
+@dataclass
+class PreparedMedia:
+    """A media item ready for the encoders (CPU tensors, made off the model thread)."""
+
+    kind: Modality
+    digest: str  # content hash of the decoded media: the encoder-output cache key
+    pixels: torch.Tensor | None = None  # image (1, 3, S, S) or video frames (T, 3, S, S)
+    audio_features: torch.Tensor | None = None  # log-mel windows (W, n_mels, window_frames)
+    audio_frames: int = 0  # encoder frames that cover real audio
+
+
+# Encoded media: one (kind, (length, H) embeddings) per tagged segment, in prompt order.
+EncodedMedia = list[tuple[Modality, torch.Tensor]]
+
+
+class XLLM(nn.Module):
+    def __init__(
+        self,
+        config: XLLMConfig,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vision: VisionEncoder | None = None,
+        speech: SpeechEncoder | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.speech = speech
+        llm_hidden = llm.get_input_embeddings().weight.shape[1]
+        self.image_interface: ImageInterface | None = None
+        self.video_interface: VideoInterface | None = None
+        self.speech_interface: CFormer | FrameStackProjector | None = None
+        if vision is not None and config.image_interface is not None:
+            ic = config.image_interface
+            qformer = build_qformer(ic.qformer, vision.hidden_size)
+            self.image_interface = ImageInterface(qformer, ic.num_query_tokens, llm_hidden)
+            self.video_interface = VideoInterface(
+                qformer.config.hidden_size, ic.num_query_tokens, ic.max_frames, llm_hidden
+            )
+        if speech is not None and config.speech_interface is not None:
+            sc = config.speech_interface
+            if sc.type == "cformer":
+                self.speech_interface = CFormer(
+                    speech.hidden_size,
+                    llm_hidden,
+                    sc.hidden_size,
+                    sc.num_layers,
+                    sc.num_heads,
+                    sc.weight_kernel_size,
+                    sc.cif_threshold,
+                )
+            else:
+                self.speech_interface = FrameStackProjector(
+                    speech.hidden_size, llm_hidden, sc.stack_frames, sc.mlp_hidden_size
+                )
+
+    # --- which parameters are the X2L interfaces (the only weights xllm trains and stores) ---
+    def interfaces(self) -> dict[str, nn.Module]:
+        found = {
+            "image_interface": self.image_interface,
+            "video_interface": self.video_interface,
+            "speech_interface": self.speech_interface,
+        }
+        return {name: module for name, module in found.items() if module is not None}
+
+    def interface_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, module in self.interfaces().items():
+            for key, value in module.state_dict().items():
+                state[f"{name}.{key}"] = value
+        return state
+
+    @property
+    def modalities(self) -> tuple[Modality, ...]:
+        found: list[Modality] = []
+        if self.image_interface is not None:
+            found += ["image", "video"]
+        if self.speech_interface is not None:
+            found.append("audio")
+        return tuple(found)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def max_model_len(self) -> int:
+        config = self.llm.config.get_text_config()
+        return int(getattr(config, "max_position_embeddings", 2048))
+
+    # --- step 1: preprocessing (thread-safe, CPU, no model weights touched) ---
+    def prepare(
+        self, kind: Modality, media: Image.Image | np.ndarray | DecodedVideo
+    ) -> PreparedMedia:
+        if kind not in self.modalities:
+            raise ValueError(
+                f"this model does not take {kind} input (it takes: {', '.join(self.modalities) or 'text only'})"
+            )
+        if kind == "image":
+            assert self.vision is not None and isinstance(media, Image.Image)
+            return PreparedMedia(
+                kind,
+                _digest(kind, media.tobytes(), media.size),
+                pixels=self.vision.preprocess([media]),
+            )
+        if kind == "audio":
+            assert self.speech is not None and isinstance(media, np.ndarray)
+            features, frames = self.speech.preprocess(media)
+            return PreparedMedia(
+                kind, _digest(kind, media.tobytes()), audio_features=features, audio_frames=frames
+            )
+        assert self.vision is not None and not isinstance(media, (Image.Image, np.ndarray))
+        frames = (
+            media.frames[: self.video_interface.max_frames]
+            if self.video_interface
+            else media.frames
+        )
+        pixels = self.vision.preprocess(frames)
+        parts = [f.tobytes() for f in frames]
+        item = PreparedMedia(kind, "", pixels=pixels)
+        if media.audio is not None and len(media.audio) and self.speech_interface is not None:
+            assert self.speech is not None
+            item.audio_features, item.audio_frames = self.speech.preprocess(media.audio)
+            parts.append(media.audio.tobytes())
+        item.digest = _digest(kind, *parts)
+        return item
+
+    # --- steps 2 and 3: encoders and interfaces, batched over all items ---
+    def encode(self, items: Sequence[PreparedMedia]) -> list[EncodedMedia]:
+        """Prepared media -> per item, its tagged embedding segments (length, llm_hidden)."""
+        out: list[EncodedMedia] = [[] for _ in items]
+        visual = [i for i, it in enumerate(items) if it.pixels is not None]
+        if visual:
+            assert self.vision is not None and self.image_interface is not None
+            assert self.video_interface is not None
+            pixels = torch.cat([items[i].pixels for i in visual]).to(self.device)
+            patches = self.vision(pixels).split([items[i].pixels.shape[0] for i in visual])
+            images = [j for j, i in enumerate(visual) if items[i].kind == "image"]
+            if images:
+                tokens = self.image_interface(torch.cat([patches[j] for j in images]))  # (N, Q, H)
+                for j, t in zip(images, tokens, strict=True):
+                    out[visual[j]].append(("image", t))
+            for j, i in enumerate(visual):
+                if items[i].kind == "video":
+                    out[i].append(("video", self.video_interface(patches[j], self.image_interface)))
+        sound = [i for i, it in enumerate(items) if it.audio_features is not None]
+        if sound:
+            assert self.speech is not None and self.speech_interface is not None
+            features = torch.cat([items[i].audio_features for i in sound]).to(self.device)
+            hidden = self.speech(features)
+            frames = self.speech.join_windows(
+                hidden,
+                [items[i].audio_features.shape[0] for i in sound],
+                [items[i].audio_frames for i in sound],
+            )
+            tokens, _ = self.speech_interface(frames)
+            for i, t in zip(sound, tokens, strict=True):
+                out[i].append(("audio", t))  # after the video's frames when from a video track
+        return out
+
+    # --- step 4: prompt ---
+    def layout(
+        self,
+        messages: Sequence[Message],
+        encoded: Sequence[EncodedMedia],
+        *,
+        add_generation_prompt: bool = True,
+    ) -> PromptLayout:
+        segments = [[MediaSegment(kind, t.shape[0]) for kind, t in item] for item in encoded]
+        return build_layout(
+            self.tokenizer,
+            messages,
+            segments,
+            self.config.tags,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def embed(self, layout: PromptLayout, encoded: Sequence[EncodedMedia]) -> torch.Tensor:
+        """(L, H) prompt embeddings on the LLM's device, in its dtype."""
+        media = [[t for _, t in item] for item in encoded]
+        return embed_layout(self.llm.get_input_embeddings(), layout, media)
+
+
+def _digest(kind: str, *parts: bytes | tuple) -> str:
+    h = hashlib.blake2b(kind.encode(), digest_size=16)
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+    return h.hexdigest()

@@ -1,0 +1,75 @@
+"""`xllm serve`: flags override `XLLM_*` environment variables (see Settings)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# flag -> (type, help); every flag defaults to None so that unset flags leave env/defaults alone.
+_FLAGS: dict[str, tuple[type, str]] = {
+    "--model": (Path, "model directory (default: the built-in demo model)"),
+    "--host": (str, "bind address (default 127.0.0.1)"),
+    "--port": (int, "port (default 8000)"),
+    "--max-batch": (int, "sequences decoding together = KV slots (default 32)"),
+    "--max-queue": (int, "requests waiting beyond --max-batch before 429 (default 64)"),
+    "--max-model-len": (int, "context per KV slot (default: the model's)"),
+    "--prefill-chunk": (int, "prompt positions per prefill step (default 512)"),
+    "--default-max-tokens": (int, "max_tokens when a request gives none (default 512)"),
+    "--encoder-cache-mb": (int, "encoder output cache size (default 256)"),
+    "--api-key": (str, "require 'Authorization: Bearer KEY' on /chat and /v1/*"),
+    "--api-key-file": (Path, "file with accepted API keys, one per line"),
+    "--cors-origins": (str, "comma-separated origins allowed by CORS (default: CORS off)"),
+    "--max-upload-mb": (float, "largest request body (default 50)"),
+    "--max-image-pixels": (int, "largest image, width x height (default 40000000)"),
+    "--max-audio-seconds": (float, "longest audio (default 600)"),
+    "--max-video-seconds": (float, "longest video (default 600)"),
+    "--max-media-per-request": (int, "media items per request (default 16)"),
+    "--request-timeout": (float, "seconds before a request ends with an error (default: none)"),
+    "--allow-remote-media": (str, "comma-separated hosts whose http(s) media URLs may be fetched"),
+    "--drain-timeout": (float, "seconds SIGTERM lets running requests finish (default 30)"),
+    "--media-workers": (int, "threads decoding media (default 2)"),
+}
+_CHOICES = {
+    "--quantize": ("none", "nf4", "int8"),
+    "--device": ("auto", "cpu", "cuda"),
+    "--dtype": ("auto", "float32", "bfloat16", "float16"),
+    "--log-format": ("json", "text"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the HTTP server (POST /chat, OpenAI-compatible /v1/chat/completions)",
+        description="Every flag can also be set as an environment variable: --max-batch is "
+        "XLLM_MAX_BATCH, and so on. Flags win.",
+    )
+    for flag, (kind, text) in _FLAGS.items():
+        serve.add_argument(flag, type=kind, default=None, help=text)
+    for flag, choices in _CHOICES.items():
+        serve.add_argument(flag, choices=choices, default=None)
+    serve.set_defaults(func=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace):  # -> Settings (import kept lazy)
+    from pydantic import ValidationError
+    from xllm.main import UserError
+    from xllm.server.settings import Settings
+
+    overrides = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag in (*_FLAGS, *_CHOICES)
+    }
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise UserError(f"invalid settings: {problems}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from xllm.server.app import serve
+
+    return serve(settings_from_args(args))

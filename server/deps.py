@@ -1,0 +1,107 @@
+"""Shared route dependencies: the runtime (model, engine, service), auth, request ids."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+from starlette.exceptions import HTTPException
+from xllm.server.engine.worker import Engine
+from xllm.server.metrics import Metrics
+from xllm.server.serving import ChatService
+from xllm.server.settings import Settings
+
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    """Everything the routes need, filled in by the lifespan as the model loads."""
+
+    settings: Settings
+    metrics: Metrics
+    api_keys: list[str] = field(default_factory=list)
+    service: ChatService | None = None
+    engine: Engine | None = None
+    draining: bool = False
+    load_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.service is not None
+            and self.engine is not None
+            and self.engine.alive
+            and not self.draining
+        )
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_service(runtime: RuntimeDep) -> ChatService:
+    if runtime.draining:
+        raise HTTPException(503, "the server is shutting down", headers={"Retry-After": "5"})
+    if runtime.load_error is not None:
+        raise HTTPException(503, f"the model failed to load: {runtime.load_error}")
+    if not runtime.ready or runtime.service is None:
+        raise HTTPException(503, "the model is still loading", headers={"Retry-After": "5"})
+    return runtime.service
+
+
+ServiceDep = Annotated[ChatService, Depends(get_service)]
+
+
+def require_api_key(request: Request, runtime: RuntimeDep) -> None:
+    """With API keys configured, 'Authorization: Bearer <key>' must match one (constant time)."""
+    if not runtime.api_keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip().encode()
+    valid = scheme.lower() == "bearer" and given
+    # Compare against every key so the time taken does not tell which (or whether one) matched.
+    matched = False
+    for key in runtime.api_keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    if not (valid and matched):
+        raise HTTPException(
+            401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def request_id(request: Request) -> str:
+    return request.state.request_id
+
+
+RequestIdDep = Annotated[str, Depends(request_id)]
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client goes away first (for non-streaming replies)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected

@@ -1,0 +1,418 @@
+"""The model worker: one thread owns the model and runs continuous batching.
+
+Every iteration:
+    1. take in submitted requests and drop cancelled ones (their slots free at once);
+    2. admit waiting requests into free KV slots; encode their media in one batched call per
+       encoder (outputs cached by content hash), lay out and embed their prompts;
+    3. run one prefill chunk (the oldest request still prefilling), so a long media prompt
+       never stalls the running streams for more than a chunk;
+    4. run one decode step for every sequence that is generating, each with its own sampling
+       parameters, and stream each new token to its request.
+A failure inside a step fails only the requests in that step; the others keep going.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from xllm.model.generate import (
+    IncrementalDetokenizer,
+    SequenceState,
+    SlotKVCache,
+    eos_token_ids,
+    forward_step,
+    make_generator,
+    sample_next,
+)
+from xllm.model.xllm import XLLM, EncodedMedia
+from xllm.server.engine.encoder_cache import EncoderCache
+from xllm.server.engine.events import (
+    EngineRequest,
+    ErrorEvent,
+    FinishEvent,
+    RequestHandle,
+    TokenEvent,
+    Usage,
+)
+from xllm.server.engine.scheduler import Phase, Scheduled, Scheduler
+
+log = logging.getLogger("xllm.engine")
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 32  # sequences decoding together (= KV slots)
+    max_queue: int = 64  # requests waiting beyond those
+    max_model_len: int | None = None  # positions per slot; default: the model's context
+    prefill_chunk: int = 512
+    default_max_tokens: int = 512
+    encoder_cache_mb: int = 256
+
+
+class EngineFull(Exception):
+    """Queue full: the caller should answer 429 with Retry-After."""
+
+
+class EngineUnavailable(Exception):
+    """Stopped, draining or dead: the caller should answer 503."""
+
+
+class EngineObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def queue_time(self, seconds: float) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def encoder_time(self, modality: str, seconds: float) -> None: ...
+    def request_done(self, seconds: float) -> None: ...
+    def tokens(self, prompt: int, generated: int) -> None: ...
+    def step(self, running: int, waiting: int, kv_usage: float) -> None: ...
+
+
+@dataclass
+class Job:
+    """Per-request state inside the worker."""
+
+    request: EngineRequest
+    handle: RequestHandle
+    state: SequenceState | None = None
+    embeds: torch.Tensor | None = None  # (L, H) prompt embeddings until prefill is done
+    generator: torch.Generator | None = None
+    next_token: int | None = None  # sampled, not yet written into the cache
+    last_token_at: float = 0.0
+
+
+class Engine:
+    def __init__(
+        self, model: XLLM, config: EngineConfig, observer: EngineObserver | None = None
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.observer = observer or EngineObserver()
+        self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
+        self.cache = SlotKVCache.for_model(
+            model.llm, config.max_batch, self.max_model_len, model.device
+        )
+        self.scheduler: Scheduler[Job] = Scheduler(config.max_batch, config.prefill_chunk)
+        self.encoder_cache = EncoderCache(config.encoder_cache_mb * 2**20)
+        self.eos = eos_token_ids(model.llm, model.tokenizer)
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._in_system = 0  # submitted and not yet finished (waiting or running)
+        self._stopping = False
+        self._exit = False
+        self._abort_message: str | None = None
+        self._thread: threading.Thread | None = None
+        self.dead: BaseException | None = None
+        self.fault_injector: Callable[[str], None] | None = None  # tests: raise inside a step
+
+    # --- caller side (any thread) ---
+    @property
+    def capacity(self) -> int:
+        return self.config.max_batch + self.config.max_queue
+
+    @property
+    def num_in_system(self) -> int:
+        return self._in_system
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self._in_system - self.num_running)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    def reserve(self) -> None:
+        """Claim a place before the (slow) media decoding; release() if the request never comes."""
+        with self._lock:
+            if self._stopping or not self.alive:
+                raise EngineUnavailable(
+                    "the server is shutting down"
+                    if self._stopping
+                    else "the model worker is not running"
+                )
+            if self._in_system >= self.capacity:
+                raise EngineFull(
+                    f"{self._in_system} requests are queued or running; try again shortly"
+                )
+            self._in_system += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._in_system -= 1
+
+    def submit(self, request: EngineRequest, handle: RequestHandle) -> None:
+        """Hand a reserved request to the worker; its events arrive on `handle`."""
+        self._inbox.put(Job(request, handle))
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
+        self._thread.start()
+
+    def stop_intake(self) -> None:
+        with self._lock:
+            self._stopping = True
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait for running work to end (intake stopped first); True when it all finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._in_system > 0 and self.alive:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def abort_all(self, message: str) -> None:
+        """Thread-safe: every queued and running request ends with an error event."""
+        self._abort_message = message
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._exit = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # --- worker thread ---
+    def _run(self) -> None:
+        try:
+            while not self._exit:
+                self._take_in()
+                self._drop_cancelled()
+                if self._abort_message is not None:
+                    self._fail_all(self._abort_message)
+                    self._abort_message = None
+                if not self.scheduler.running and not self.scheduler.waiting:
+                    self._report()
+                    self._wake.wait(timeout=0.1)
+                    self._wake.clear()
+                    continue
+                self._admit()
+                self._prefill_one_chunk()
+                self._decode_step()
+                self._report()
+        except BaseException as exc:  # the worker must never die silently
+            log.exception("model worker died")
+            self.dead = exc
+            self._fail_all("the model worker failed; the request was not completed")
+            raise
+
+    def _take_in(self) -> None:
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self.scheduler.add(job)
+
+    def _drop_cancelled(self) -> None:
+        for entry in [*self.scheduler.waiting, *self.scheduler.running]:
+            if entry.item.handle.cancelled.is_set():
+                self._finish(entry)
+
+    def _finish(self, entry: Scheduled[Job], event: FinishEvent | ErrorEvent | None = None) -> None:
+        self.scheduler.finish(entry)
+        if event is not None:
+            entry.item.handle.push(event)
+        with self._lock:
+            self._in_system -= 1
+
+    def _fail(self, entries: list[Scheduled[Job]], message: str, status: int = 500) -> None:
+        for entry in entries:
+            self._finish(
+                entry,
+                ErrorEvent(
+                    message, status, "server_error" if status >= 500 else "invalid_request_error"
+                ),
+            )
+
+    def _fail_all(self, message: str) -> None:
+        self._take_in()
+        self._fail([*self.scheduler.waiting, *self.scheduler.running], message)
+
+    def _inject(self, where: str) -> None:
+        if self.fault_injector is not None:
+            self.fault_injector(where)
+
+    def _admit(self) -> None:
+        admitted = self.scheduler.admit()
+        if not admitted:
+            return
+        now = time.monotonic()
+        for entry in admitted:
+            self.observer.queue_time(now - entry.item.request.arrival)
+        try:
+            self._inject("encode")
+            encoded = self._encode([e.item.request for e in admitted])
+        except Exception as exc:
+            log.exception("media encoding failed")
+            self._fail(admitted, f"media encoding failed: {exc}")
+            return
+        for entry, media in zip(admitted, encoded, strict=True):
+            try:
+                self._lay_out(entry, media)
+            except Exception as exc:
+                log.exception("prompt assembly failed")
+                self._fail([entry], f"prompt assembly failed: {exc}")
+
+    @torch.inference_mode()
+    def _encode(self, requests: list[EngineRequest]) -> list[list[EncodedMedia]]:
+        """Encode every media item of the admitted requests, batched, through the cache."""
+        items = [item for request in requests for item in request.media]
+        results: dict[str, EncodedMedia] = {}
+        todo = []
+        for item in items:
+            cached = self.encoder_cache.get(item.digest)
+            if cached is not None:
+                results[item.digest] = cached
+            elif item.digest not in {t.digest for t in todo}:
+                todo.append(item)
+        if todo:
+            start = time.monotonic()
+            for item, encoded in zip(todo, self.model.encode(todo), strict=True):
+                results[item.digest] = encoded
+                self.encoder_cache.put(item.digest, encoded)
+            elapsed = time.monotonic() - start
+            for kind in {item.kind for item in todo}:
+                self.observer.encoder_time(kind, elapsed)
+        return [[results[item.digest] for item in request.media] for request in requests]
+
+    @torch.inference_mode()
+    def _lay_out(self, entry: Scheduled[Job], media: list[EncodedMedia]) -> None:
+        job = entry.item
+        request = job.request
+        layout = self.model.layout(request.messages, media)
+        prompt_len = len(layout)
+        params = request.params
+        room = self.max_model_len - prompt_len
+        if not request.max_tokens_given:
+            params.max_tokens = min(self.config.default_max_tokens, room)
+        if room < 1 or params.max_tokens > room:
+            self._finish(
+                entry,
+                ErrorEvent(
+                    f"the prompt has {prompt_len} tokens and max_tokens is {params.max_tokens}: "
+                    f"together {prompt_len + params.max_tokens}, more than the model's context of "
+                    f"{self.max_model_len} tokens",
+                    400,
+                    "invalid_request_error",
+                ),
+            )
+            return
+        params.min_tokens = min(params.min_tokens, params.max_tokens)
+        job.embeds = self.model.embed(layout, media)
+        job.state = SequenceState(params, self.eos, IncrementalDetokenizer(self.model.tokenizer))
+        job.generator = make_generator(params.seed)
+        entry.prompt_len = prompt_len
+        self.observer.tokens(prompt_len, 0)
+
+    def _prefill_one_chunk(self) -> None:
+        chunk = self.scheduler.next_prefill()
+        if chunk is None:
+            return
+        entry, start, end = chunk
+        job = entry.item
+        assert job.embeds is not None
+        try:
+            self._inject("prefill")
+            slot = torch.tensor([entry.slot], device=self.model.device)
+            logits = forward_step(
+                self.model.llm,
+                self.cache,
+                job.embeds[start:end][None],
+                slot,
+                torch.tensor([start], device=self.model.device),
+            )
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._fail([entry], f"prefill failed: {exc}")
+            return
+        entry.prefilled = entry.length = end
+        if end < entry.prompt_len:
+            return
+        job.embeds = None
+        entry.phase = Phase.DECODE
+        self._sample([entry], logits)
+
+    def _decode_step(self) -> None:
+        batch = [e for e in self.scheduler.decoding() if e.item.next_token is not None]
+        if not batch:
+            return
+        device = self.model.device
+        try:
+            self._inject("decode")
+            tokens = torch.tensor([[e.item.next_token] for e in batch], device=device)
+            embeds = self.model.llm.get_input_embeddings()(tokens)  # (B, 1, H)
+            logits = forward_step(
+                self.model.llm,
+                self.cache,
+                embeds,
+                torch.tensor([e.slot for e in batch], device=device),
+                torch.tensor([e.length for e in batch], device=device),
+            )
+        except Exception as exc:
+            log.exception("decode step failed")
+            self._fail(batch, f"decode step failed: {exc}")
+            return
+        for entry in batch:
+            entry.length += 1
+        self._sample(batch, logits)
+
+    def _sample(self, batch: list[Scheduled[Job]], logits: torch.Tensor) -> None:
+        """Sample one token per row of logits (B, V) and stream it to its request."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        bad = [e for e, ok in zip(batch, finite, strict=True) if not ok]
+        if bad:
+            self._fail(bad, "the model produced NaN or infinite logits")
+            keep = [i for i, ok in enumerate(finite) if ok]
+            batch = [batch[i] for i in keep]
+            logits = logits[keep]
+            if not batch:
+                return
+        jobs = [e.item for e in batch]
+        tokens = sample_next(
+            logits,
+            [j.state.params for j in jobs],
+            [j.state.tokens for j in jobs],
+            [j.generator for j in jobs],
+            sorted(self.eos),
+        )
+        now = time.monotonic()
+        for entry, job, token in zip(batch, jobs, tokens, strict=True):
+            state = job.state
+            text = state.append(token)
+            if len(state.tokens) == 1:
+                self.observer.first_token(now - job.request.arrival)
+            else:
+                self.observer.inter_token(now - job.last_token_at)
+            job.last_token_at = now
+            if state.finish_reason is None and entry.length >= self.max_model_len:
+                state.finish_reason = "length"  # the slot is full (never exceeds the context)
+            if state.finish_reason is None:
+                job.next_token = token
+                job.handle.push(TokenEvent(text, token))
+                continue
+            usage = Usage(entry.prompt_len, len(state.tokens))
+            self.observer.tokens(0, len(state.tokens))
+            self.observer.request_done(now - job.request.arrival)
+            self._finish(entry, FinishEvent(state.finish_reason, text, usage))
+
+    def _report(self) -> None:
+        capacity = self.config.max_batch * self.max_model_len
+        self.observer.step(
+            self.num_running, self.num_waiting, self.scheduler.used_positions / capacity
+        )

@@ -1,0 +1,159 @@
+"""POST /chat: multipart (or urlencoded) form with files; JSON reply or an SSE stream."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import TypeAdapter, ValidationError
+from xllm.server.deps import (
+    RequestIdDep,
+    ServiceDep,
+    require_api_key,
+    until_disconnected,
+)
+from xllm.server.engine.events import ErrorEvent, FinishEvent
+from xllm.server.errors import ServingError, error_body
+from xllm.server.protocol import ChatReply, ChatStreamEvent, ChatTurn, ErrorResponse, UsageInfo
+from xllm.server.serving import ChatInput, ChatService, MediaInput
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503)}
+_TURNS = TypeAdapter(list[ChatTurn])
+_STOP = TypeAdapter(list[str])
+
+
+def _turns(prompt: str | None, messages: str | None) -> list[tuple[str, str]]:
+    if (prompt is None) == (messages is None):
+        raise ServingError("give exactly one of 'prompt' and 'messages'", 422)
+    if prompt is not None:
+        return [("user", prompt)]
+    try:
+        turns = _TURNS.validate_json(messages or "")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ServingError(
+            f"'messages' must be a JSON array of {{role, content}}: {where}: {first['msg']}",
+            400,
+        ) from None
+    if not turns:
+        raise ServingError("'messages' is empty", 400)
+    return [(t.role, t.content) for t in turns]
+
+
+def _stop(values: list[str] | None) -> list[str] | None:
+    """`stop` repeated, or one JSON list of strings; anything else is a 422."""
+    if not values:
+        return None
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        try:
+            return _STOP.validate_json(values[0])
+        except ValidationError:
+            raise ServingError("'stop' must be strings or a JSON list of strings", 422) from None
+    return values
+
+
+async def _files(kind: str, files: list[UploadFile] | None) -> list[MediaInput]:
+    return [MediaInput(kind, await f.read()) for f in files or []]  # type: ignore[arg-type]
+
+
+@router.post(
+    "/chat",
+    response_model=ChatReply,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The reply; with stream=true an SSE stream of ChatStreamEvent, then [DONE]",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+    summary="Chat with images, audio and video",
+)
+async def chat(
+    request: Request,
+    service: ServiceDep,
+    request_id: RequestIdDep,
+    prompt: Annotated[str | None, Form(description="one user turn")] = None,
+    messages: Annotated[
+        str | None, Form(description="JSON array of {role: system|user|assistant, content}")
+    ] = None,
+    image: Annotated[list[UploadFile] | None, File(description="image files (repeatable)")] = None,
+    audio: Annotated[list[UploadFile] | None, File(description="audio files (repeatable)")] = None,
+    video: Annotated[list[UploadFile] | None, File(description="video files (repeatable)")] = None,
+    stream: Annotated[bool, Form()] = False,
+    max_tokens: Annotated[int | None, Form(ge=1)] = None,
+    min_tokens: Annotated[int | None, Form(ge=0)] = None,
+    ignore_eos: Annotated[bool | None, Form()] = None,
+    temperature: Annotated[float | None, Form(ge=0)] = None,
+    top_p: Annotated[float | None, Form(gt=0, le=1)] = None,
+    top_k: Annotated[int | None, Form(ge=0)] = None,
+    repetition_penalty: Annotated[float | None, Form(gt=0)] = None,
+    seed: Annotated[int | None, Form()] = None,
+    stop: Annotated[list[str] | None, Form(description="repeatable, or a JSON list")] = None,
+):
+    media = (
+        await _files("image", image) + await _files("audio", audio) + await _files("video", video)
+    )
+    overrides = {
+        "max_tokens": max_tokens,
+        "min_tokens": min_tokens,
+        "ignore_eos": ignore_eos,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+        "stop": _stop(stop),
+    }
+    chat_input = ChatInput(_turns(prompt, messages), media, overrides, request_id)
+    if stream:
+        generation = await until_disconnected(request, service.start(chat_input))
+        return StreamingResponse(_sse(generation), media_type="text/event-stream")
+    return await until_disconnected(request, _complete(service, chat_input))
+
+
+async def _complete(service: ChatService, chat_input: ChatInput) -> ChatReply:
+    generation = await service.start(chat_input)
+    try:
+        done = await generation.collect()
+    finally:
+        generation.cancel()
+    return ChatReply(
+        id=generation.request_id,
+        model=service.model_name,
+        text=done.text,
+        finish_reason=done.finish_reason,  # type: ignore[arg-type]
+        usage=UsageInfo.of(done.usage),
+    )
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+async def _sse(generation):
+    rid = generation.request_id
+    try:
+        async for event in generation.events():
+            if isinstance(event, ErrorEvent):
+                yield sse(json.dumps(error_body(event.message, event.type, event.status)))
+                break
+            if isinstance(event, FinishEvent):
+                last = ChatStreamEvent(
+                    id=rid,
+                    delta=event.text,
+                    finish_reason=event.finish_reason,  # type: ignore[arg-type]
+                    usage=UsageInfo.of(event.usage),
+                )
+                yield sse(last.model_dump_json(exclude_none=True))
+            elif event.text:
+                yield sse(
+                    ChatStreamEvent(id=rid, delta=event.text).model_dump_json(exclude_none=True)
+                )
+        yield sse("[DONE]")
+    finally:
+        generation.cancel()  # client gone mid-stream: free the slot at the next step

@@ -1,0 +1,117 @@
+"""OpenAI-compatible API: POST /v1/chat/completions (stream and not), GET /v1/models."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from xllm.server.deps import (
+    RequestIdDep,
+    RuntimeDep,
+    ServiceDep,
+    require_api_key,
+    until_disconnected,
+)
+from xllm.server.engine.events import ErrorEvent, FinishEvent
+from xllm.server.errors import error_body
+from xllm.server.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+)
+from xllm.server.routers.chat import sse
+from xllm.server.serving import ChatService, Generation
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503)}
+
+
+@router.get("/models", response_model=ModelList)
+async def models(runtime: RuntimeDep) -> ModelList:
+    name = runtime.service.model_name if runtime.service else runtime.settings.model or "xllm"
+    return ModelList(data=[ModelCard(id=str(name), created=int(time.time()))])
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep
+):
+    completion_id = f"chatcmpl-{request_id}"
+    chat_input = await service.from_openai(body, completion_id)
+    created = int(time.time())
+    if body.stream:
+        generation = await until_disconnected(request, service.start(chat_input))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _chunks(service, generation, created, include_usage), media_type="text/event-stream"
+        )
+    return await until_disconnected(request, _complete(service, chat_input, created))
+
+
+async def _complete(service: ChatService, chat_input, created: int) -> ChatCompletion:
+    generation = await service.start(chat_input)
+    try:
+        done = await generation.collect()
+    finally:
+        generation.cancel()
+    return ChatCompletion(
+        id=generation.request_id,
+        created=created,
+        model=service.model_name,
+        choices=[
+            Choice(
+                index=0,
+                message=AssistantMessage(content=done.text),
+                finish_reason=done.finish_reason,  # type: ignore[arg-type]
+            )
+        ],
+        usage=UsageInfo.of(done.usage),
+    )
+
+
+async def _chunks(service: ChatService, generation: Generation, created: int, include_usage: bool):
+    def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
+        body = ChatCompletionChunk(
+            id=generation.request_id,
+            created=created,
+            model=service.model_name,
+            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+        )
+        return sse(body.model_dump_json())
+
+    try:
+        yield chunk(DeltaMessage(role="assistant", content=""))
+        async for event in generation.events():
+            if isinstance(event, ErrorEvent):
+                yield sse(json.dumps(error_body(event.message, event.type, event.status)))
+                break
+            if event.text:
+                yield chunk(DeltaMessage(content=event.text))
+            if isinstance(event, FinishEvent):
+                yield chunk(DeltaMessage(), event.finish_reason)
+                if include_usage:
+                    usage = ChatCompletionChunk(
+                        id=generation.request_id,
+                        created=created,
+                        model=service.model_name,
+                        choices=[],
+                        usage=UsageInfo.of(event.usage),
+                    )
+                    yield sse(usage.model_dump_json())
+        yield sse("[DONE]")
+    finally:
+        generation.cancel()

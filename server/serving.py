@@ -1,0 +1,298 @@
+"""The serving layer: requests in protocol form -> engine requests -> event streams. No HTTP here.
+
+It checks what can be checked before the model sees a request (parameters, media counts,
+placeholders), decodes and preprocesses media in a thread pool (never on the event loop or the
+model thread), claims a place in the engine (or says why not: full, draining), and waits for the
+first event so that errors found by the engine before any token (an over-long prompt) still
+become a proper status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from xllm.model.config import Modality
+from xllm.model.generate import SamplingParams, sampling_params
+from xllm.model.media import MediaError, MediaLimits, decode_audio, decode_image, decode_video
+from xllm.model.prompt import PromptError, bind_media
+from xllm.model.xllm import XLLM, PreparedMedia
+from xllm.server.engine.events import (
+    EngineRequest,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    RequestHandle,
+    Usage,
+)
+from xllm.server.engine.worker import Engine, EngineFull, EngineUnavailable
+from xllm.server.errors import ServingError
+from xllm.server.protocol import ChatCompletionRequest
+from xllm.server.remote_media import RemoteMediaFetcher
+
+log = logging.getLogger("xllm.serving")
+
+
+@dataclass
+class MediaInput:
+    kind: Modality
+    data: bytes
+
+
+@dataclass
+class ChatInput:
+    turns: list[tuple[str, str]]  # (role, text with optional <image>/<audio>/<video> placeholders)
+    media: list[MediaInput]
+    overrides: dict[str, Any] = field(default_factory=dict)  # sampling fields the client set
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class ServingLimits:
+    media: MediaLimits
+    max_media_per_request: int = 16
+    request_timeout: float | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+class Generation:
+    """A running request: iterate its events (the first is already known), or cancel it."""
+
+    def __init__(
+        self, handle: RequestHandle, first: Event, deadline: float | None, timeout: float | None
+    ):
+        self.handle = handle
+        self._first: Event | None = first
+        self._deadline = deadline
+        self._timeout = timeout
+        self.done = isinstance(first, FinishEvent | ErrorEvent)
+
+    @property
+    def request_id(self) -> str:
+        return self.handle.request_id
+
+    async def events(self) -> AsyncIterator[Event]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        while not self.done:
+            event = await _next_event(self.handle, self._deadline, self._timeout)
+            self.done = isinstance(event, FinishEvent | ErrorEvent)
+            yield event
+
+    async def collect(self) -> Completion:
+        parts = []
+        async for event in self.events():
+            if isinstance(event, ErrorEvent):
+                raise ServingError(event.message, event.status, event.type)
+            parts.append(event.text)
+            if isinstance(event, FinishEvent):
+                return Completion("".join(parts), event.finish_reason, event.usage)
+        raise ServingError("the request ended without an answer", 500)
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.handle.cancel()
+            self.done = True
+
+
+async def _next_event(
+    handle: RequestHandle, deadline: float | None, timeout: float | None
+) -> Event:
+    if deadline is None:
+        return await handle.next_event()
+    try:
+        return await asyncio.wait_for(handle.next_event(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        handle.cancel()
+        return ErrorEvent(
+            f"the request timed out after {timeout:g} s (--request-timeout)", 504, "timeout"
+        )
+
+
+SAMPLING_FIELDS = (
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+)
+
+
+class ChatService:
+    def __init__(
+        self,
+        model: XLLM,
+        engine: Engine,
+        limits: ServingLimits,
+        executor: ThreadPoolExecutor,
+        fetcher: RemoteMediaFetcher,
+        model_name: str,
+    ) -> None:
+        self.model = model
+        self.engine = engine
+        self.limits = limits
+        self.executor = executor
+        self.fetcher = fetcher
+        self.model_name = model_name
+
+    # --- /chat and /v1/chat/completions share this ---
+    async def start(self, chat: ChatInput) -> Generation:
+        params, max_tokens_given = self._params(chat.overrides)
+        if len(chat.media) > self.limits.max_media_per_request:
+            raise ServingError(
+                f"{len(chat.media)} media items in one request; the limit is "
+                f"{self.limits.max_media_per_request} (--max-media-per-request)",
+                413,
+            )
+        for item in chat.media:
+            if item.kind not in self.model.modalities:
+                raise ServingError(
+                    f"this model does not take {item.kind} input (it takes: "
+                    f"{', '.join(self.model.modalities) or 'text only'})",
+                    400,
+                )
+        try:
+            messages = bind_media(chat.turns, [m.kind for m in chat.media])
+        except PromptError as exc:
+            raise ServingError(str(exc), 400) from None
+        try:
+            self.engine.reserve()
+        except EngineFull as exc:
+            raise ServingError(str(exc), 429, retry_after=self._retry_after()) from None
+        except EngineUnavailable as exc:
+            raise ServingError(str(exc), 503, retry_after=5) from None
+        arrival = time.monotonic()
+        try:
+            prepared = await self._prepare_media(chat.media)
+        except BaseException:
+            self.engine.release()
+            raise
+        handle = RequestHandle(chat.request_id, asyncio.get_running_loop())
+        request = EngineRequest(
+            chat.request_id, messages, prepared, params, max_tokens_given, arrival
+        )
+        self.engine.submit(request, handle)
+        timeout = self.limits.request_timeout
+        deadline = arrival + timeout if timeout else None
+        try:
+            first = await _next_event(handle, deadline, timeout)
+        except BaseException:  # the client left while waiting: the slot must not leak
+            handle.cancel()
+            raise
+        if isinstance(first, ErrorEvent):
+            raise ServingError(first.message, first.status, first.type)
+        return Generation(handle, first, deadline, timeout)
+
+    def _params(self, overrides: dict[str, Any]) -> tuple[SamplingParams, bool]:
+        given = {k: v for k, v in overrides.items() if k in SAMPLING_FIELDS and v is not None}
+        if "stop" in given:
+            given["stop"] = tuple(given["stop"])
+        try:
+            # max_tokens left open is settled by the engine once the prompt length is known.
+            params = sampling_params(self.model.config.sampling, **given)
+        except ValueError as exc:
+            raise ServingError(str(exc), 422) from None
+        return params, "max_tokens" in given
+
+    def _retry_after(self) -> int:
+        return max(1, min(30, self.engine.num_waiting // max(1, self.engine.config.max_batch) + 1))
+
+    async def _prepare_media(self, media: list[MediaInput]) -> list[PreparedMedia]:
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self.executor, self._decode_one, item) for item in media]
+        try:
+            return list(await asyncio.gather(*jobs))
+        except MediaError as exc:
+            raise ServingError(exc.message, exc.status) from None
+
+    def _decode_one(self, item: MediaInput) -> PreparedMedia:
+        limits = self.limits.media
+        if item.kind == "image":
+            return self.model.prepare("image", decode_image(item.data, limits))
+        if item.kind == "audio":
+            return self.model.prepare("audio", decode_audio(item.data, limits))
+        ic = self.model.config.image_interface
+        assert ic is not None
+        video = decode_video(item.data, limits, fps=ic.video_fps, max_frames=ic.max_frames)
+        return self.model.prepare("video", video)
+
+    # --- OpenAI request -> ChatInput ---
+    async def from_openai(self, request: ChatCompletionRequest, request_id: str) -> ChatInput:
+        unsupported = {
+            "n": request.n not in (None, 1),
+            "logprobs": bool(request.logprobs) or request.top_logprobs is not None,
+            "tools": bool(request.tools) or request.tool_choice not in (None, "none"),
+            "response_format": request.response_format not in (None, {"type": "text"}),
+            "presence_penalty": request.presence_penalty not in (None, 0, 0.0),
+            "frequency_penalty": request.frequency_penalty not in (None, 0, 0.0),
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise ServingError(f"'{name}' is not supported by this server", 400)
+        turns: list[tuple[str, str]] = []
+        media: list[MediaInput] = []
+        for message in request.messages:
+            role = "system" if message.role == "developer" else message.role
+            if message.content is None or isinstance(message.content, str):
+                turns.append((role, message.content or ""))
+                continue
+            text = ""
+            for part in message.content:
+                if part.type == "text":
+                    text += part.text
+                    continue
+                if part.type == "image_url":
+                    kind, data = "image", await self._media_url(part.image_url.url, "image")
+                elif part.type == "video_url":
+                    kind, data = "video", await self._media_url(part.video_url.url, "video")
+                else:
+                    kind, data = "audio", _b64(part.input_audio.data, "input_audio.data")
+                media.append(MediaInput(kind, data))
+                text += f"<{kind}>"
+            turns.append((role, text))
+        overrides = {
+            name: getattr(request, name) for name in SAMPLING_FIELDS if name != "max_tokens"
+        }
+        overrides["max_tokens"] = request.max_completion_tokens or request.max_tokens
+        if isinstance(request.stop, str):
+            overrides["stop"] = [request.stop]
+        return ChatInput(turns, media, overrides, request_id)
+
+    async def _media_url(self, url: str, kind: str) -> bytes:
+        if url.startswith("data:"):
+            header, sep, payload = url.partition(",")
+            if not sep or ";base64" not in header:
+                raise ServingError(
+                    f"{kind} data URI must be base64 ('data:<type>;base64,...')", 400
+                )
+            return _b64(payload, f"{kind} data URI")
+        if url.startswith(("http://", "https://")):
+            return await self.fetcher.fetch(url)
+        scheme = url.split(":", 1)[0] if ":" in url else url[:16]
+        raise ServingError(f"unsupported {kind} URL scheme '{scheme}': use a data URI", 400)
+
+
+def _b64(payload: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServingError(f"{what} is not valid base64", 400) from None

@@ -1,0 +1,66 @@
+"""Server settings: `XLLM_*` environment variables, overridden by `xllm serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: object) -> object:
+    """'a,b' (flag or env var) -> ['a', 'b']; lists pass through."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="XLLM_", extra="forbid")
+
+    model: Path | None = Field(
+        None, description="model directory; default: the built-in demo model"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch: int = Field(32, ge=1, description="sequences decoding together (KV slots)")
+    max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch; then 429")
+    max_model_len: int | None = Field(
+        None, ge=16, description="context per slot; default: the model's"
+    )
+    prefill_chunk: int = Field(512, ge=16, description="prompt positions per prefill step")
+    default_max_tokens: int = Field(512, ge=1)
+    encoder_cache_mb: int = Field(256, ge=0)
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>'")
+    api_key_file: Path | None = Field(None, description="file with one accepted key per line")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_upload_mb: float = Field(50, gt=0)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_audio_seconds: float = Field(600, gt=0)
+    max_video_seconds: float = Field(600, gt=0)
+    max_media_per_request: int = Field(16, ge=0)
+    request_timeout: float | None = Field(
+        None, gt=0, description="seconds; then the request ends with an error"
+    )
+    allow_remote_media: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    drain_timeout: float = Field(30, ge=0, description="seconds SIGTERM waits for running requests")
+    media_workers: int = Field(2, ge=1, description="threads decoding and preprocessing media")
+    log_format: Literal["json", "text"] = "json"
+    log_prompts: bool = Field(False, description="include prompts in logs (off: privacy)")
+
+    _split = field_validator("cors_origins", "allow_remote_media", mode="before")(_split_list)
+
+    def api_keys(self) -> list[str]:
+        keys = [self.api_key.get_secret_value()] if self.api_key else []
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return keys
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
