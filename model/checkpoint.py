@@ -104,6 +104,11 @@ def load_blip2_qformer(model: XLLM, path: Path) -> None:
     if missing:
         raise ModelConfigError(f"{path}: Q-Former weights missing: {missing[:5]}")
     queries = load_prefixed_state_dict(path, "query_tokens")[""]
+    if queries.shape != model.image_interface.query_tokens.shape:
+        raise ModelConfigError(
+            f"{path}: the checkpoint has {queries.shape[1]} query tokens but xllm.json sets "
+            f"'image_interface.num_query_tokens' to {model.image_interface.num_query_tokens}"
+        )
     with torch.no_grad():
         model.image_interface.query_tokens.copy_(queries)
         model.video_interface.query_tokens.copy_(

@@ -2,8 +2,8 @@
 
 A model directory holds:
     xllm.json               this config
-    llm/                    HF causal LM + tokenizer (or `llm.path` names an external local checkpoint)
-    vision/                 BLIP-2 vision tower + image processor (or a full Salesforce/blip2-* checkpoint)
+    llm/                    HF causal LM + tokenizer (or `llm.path`: an external checkpoint)
+    vision/                 BLIP-2 vision tower + image processor (or a whole BLIP-2 checkpoint)
     speech/                 Whisper encoder (or a full Whisper checkpoint) + feature extractor
     interfaces.safetensors  the trainable X2L weights only
 Relative paths are resolved against the model directory; absolute paths are used in place.
@@ -36,7 +36,7 @@ class ComponentPath:
 
 @dataclass
 class QFormerInterfaceConfig:
-    """I2L and V2L: BLIP-2's Q-Former shared by images and video frames, each with its own queries."""
+    """I2L and V2L: one BLIP-2 Q-Former for images and video frames, each with its own queries."""
 
     num_query_tokens: int = 32  # learned queries per image / per video frame (X-LLM: 32)
     qformer: dict[str, Any] = field(default_factory=dict)  # Blip2QFormerConfig kwargs (BERT-base)

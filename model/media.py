@@ -22,9 +22,11 @@ frames, their timestamps and the audio track in the same audio form.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
+import numbers
 import os
 import re
 import stat
@@ -184,18 +186,20 @@ def _check_duration(seconds: float, limit: float, what: str) -> None:
 # Type sniffing
 # --------------------------------------------------------------------------------------
 
-_ISO_IMAGE_BRANDS = {
-    b"heic",
-    b"heix",
-    b"heim",
-    b"heis",
-    b"hevc",
-    b"mif1",
-    b"msf1",
-    b"avif",
-    b"avis",
-}
-_ISO_AUDIO_BRANDS = {b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "}
+_ISO_IMAGE_BRANDS = frozenset(
+    {
+        b"heic",
+        b"heix",
+        b"heim",
+        b"heis",
+        b"hevc",
+        b"mif1",
+        b"msf1",
+        b"avif",
+        b"avis",
+    }
+)
+_ISO_AUDIO_BRANDS = frozenset({b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "})
 # Track handler types in ISO-BMFF/QuickTime 'hdlr' boxes: size, 'hdlr',
 # version+flags (4), pre_defined/component type (4), then the handler type.
 _HDLR_VIDEO = re.compile(rb"hdlr.{8}vide", re.DOTALL)
@@ -205,7 +209,7 @@ _MKV_VIDEO_CODEC = re.compile(rb"\x86[\x81-\xbf]V_")
 _MKV_AUDIO_CODEC = re.compile(rb"\x86[\x81-\xbf]A_")
 _ASF_HEADER = b"\x30\x26\xb2\x75\x8e\x66\xcf\x11\xa6\xd9\x00\xaa\x00\x62\xce\x6c"
 _ASF_VIDEO_MEDIA = b"\xc0\xef\x19\xbc\x4d\x5b\xcf\x11\xa8\xfd\x00\x80\x5f\x5c\x44\x2b"
-_BMP_DIB_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
+_BMP_DIB_HEADER_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 
 
 def _markup_type(data: bytes) -> str | None:
@@ -292,6 +296,22 @@ def _sniff_mpeg_audio(data: bytes) -> bool:
     return _mpeg_frame_length(data, length) is not None
 
 
+def _has_image_signature(data: bytes) -> bool:
+    """Cheap check (first bytes only) for the image formats sniff_kind knows."""
+    head = data[:64]
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    if head[:2] == b"BM" and len(head) >= 18:
+        return int.from_bytes(head[14:18], "little") in _BMP_DIB_HEADER_SIZES
+    if head[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF
+        return True
+    if head[4:8] == b"ftyp" and head[8:12] in _ISO_IMAGE_BRANDS:  # HEIF / AVIF
+        return True
+    return _markup_type(data) == "SVG"
+
+
 def sniff_kind(data: bytes) -> str | None:
     """Classify bytes as "image", "audio" or "video" from magic numbers, or None.
 
@@ -303,20 +323,7 @@ def sniff_kind(data: bytes) -> str | None:
         return None
     data = bytes(data)
     head = data[:64]
-    # --- images
-    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")):
-        return "image"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image"
-    if (
-        head[:2] == b"BM"
-        and len(head) >= 18
-        and int.from_bytes(head[14:18], "little") in _BMP_DIB_HEADER_SIZES
-    ):
-        return "image"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):  # TIFF
-        return "image"
-    if _markup_type(data) == "SVG":
+    if _has_image_signature(data):
         return "image"
     # --- RIFF family: WAV / AVI
     if head[:4] in (b"RIFF", b"RIFX", b"RF64", b"BW64"):
@@ -367,6 +374,14 @@ _ALPHA_MODES = frozenset(("RGBA", "LA", "La", "RGBa", "PA"))
 _WIDE_GRAY_MODES = frozenset(("I", "I;16", "I;16L", "I;16B", "I;16N", "F"))
 
 _pillow_limit_lock = threading.Lock()
+
+
+@functools.cache
+def _available_image_formats() -> tuple[str, ...]:
+    # Image.open(formats=...) fails with KeyError on a name whose plugin this
+    # Pillow build lacks (e.g. WebP without libwebp), so ask the registry.
+    Image.init()
+    return tuple(fmt for fmt in _IMAGE_FORMATS if fmt in Image.OPEN)
 
 
 def _ensure_pillow_allows(pixels: int) -> None:
@@ -460,7 +475,7 @@ def _decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
     bomb = (Image.DecompressionBombError, Image.DecompressionBombWarning)
     try:
         # Restricting the plugins keeps exotic parsers away from untrusted bytes.
-        im = Image.open(io.BytesIO(data), formats=_IMAGE_FORMATS)
+        im = Image.open(io.BytesIO(data), formats=_available_image_formats())
     except UnidentifiedImageError:
         raise _unidentified_image(data) from None
     except bomb as exc:
@@ -647,8 +662,7 @@ def decode_audio(data: bytes, limits: MediaLimits = _DEFAULT_LIMITS) -> np.ndarr
 
 
 def _decode_audio(data: bytes, max_seconds: float) -> np.ndarray:
-    kind = sniff_kind(data)
-    if kind == "image":
+    if _has_image_signature(data):
         raise MediaError("expected audio but got image data", 415)
     if _looks_like_soundfile_input(data):
         try:
@@ -915,30 +929,31 @@ def decode_video(
     time); when that would exceed `max_frames`, `max_frames` times are spread
     evenly over the clip instead.
     """
-    if isinstance(fps, bool) or not isinstance(fps, int | float) or not math.isfinite(fps):
+    # fps / max_frames may come straight from a request, so bad values are a
+    # client error (400), not a programming error.
+    valid_fps = isinstance(fps, numbers.Real) and not isinstance(fps, bool)
+    if not (valid_fps and math.isfinite(fps) and fps > 0):
         raise MediaError(f"fps must be a positive number, got {fps!r}", 400)
-    if fps <= 0:
-        raise MediaError(f"fps must be a positive number, got {fps!r}", 400)
-    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+    valid_count = isinstance(max_frames, numbers.Integral) and not isinstance(max_frames, bool)
+    if not (valid_count and max_frames >= 1):
         raise MediaError(f"max_frames must be a positive integer, got {max_frames!r}", 400)
     data = _check_input(data, limits, "video")
     with _only_media_errors("video"):
-        return _decode_video(data, limits, float(fps), max_frames)
+        return _decode_video(data, limits, float(fps), int(max_frames))
 
 
 def _decode_video(data: bytes, limits: MediaLimits, fps: float, max_frames: int) -> DecodedVideo:
-    kind = sniff_kind(data)
-    if kind == "image" and not data.startswith((b"GIF87a", b"GIF89a")):
+    # Animated GIF is the one image format FFmpeg may read as a video.
+    if _has_image_signature(data) and not data.startswith((b"GIF87a", b"GIF89a")):
         raise MediaError("expected a video but got image data", 415)
 
     with _open_container(data, "video") as container:
         duration = _inspect_video(container, limits)
-        if duration is None:
-            # No duration in the metadata: measure it from packet timestamps
-            # (demuxing only, no decoding) so frames can be spread over the clip.
-            duration = _scan_video_duration(container, limits)
-        else:
+        if duration is not None:
             return _sample_video(container, limits, _plan_targets(duration, fps, max_frames))
+        # No duration in the metadata: measure it from packet timestamps
+        # (demuxing only, no decoding) so frames can be spread over the clip.
+        duration = _scan_video_duration(container, limits)
     # The scan consumed the container; a fresh one is cheaper and more reliable
     # than seeking back in an arbitrary format.
     with _open_container(data, "video") as container:
@@ -1061,6 +1076,8 @@ def load_media_file(
     `video_kwargs` (fps, max_frames) are passed to decode_video and ignored for
     other kinds.  Errors are MediaError with the path in the message.
     """
+    if kind not in ("image", "audio", "video", "auto"):
+        raise MediaError(f"unknown media kind {kind!r}; expected image, audio, video or auto", 400)
     name = os.fspath(path)
     try:
         with open(name, "rb") as fh:
@@ -1088,8 +1105,6 @@ def load_media_file(
             return decode_image(data, limits)
         if kind == "audio":
             return decode_audio(data, limits)
-        if kind == "video":
-            return decode_video(data, limits, **video_kwargs)  # type: ignore[arg-type]
+        return decode_video(data, limits, **video_kwargs)  # type: ignore[arg-type]
     except MediaError as exc:
         raise MediaError(f"{name}: {exc.message}", exc.status) from exc
-    raise MediaError(f"unknown media kind {kind!r}; expected image, audio, video or auto", 400)

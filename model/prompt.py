@@ -175,7 +175,7 @@ def build_layout(
     def add_tokens(ids: list[int], label: bool) -> None:
         nonlocal label_next
         if label_next and ids:
-            # The token right after an answer (next role token / EOS) ends the turn: learn to emit it.
+            # The token after an answer (next role token / EOS) ends the turn: learn to emit it.
             layout.token_ids.append(ids[0])
             layout.labels_mask.append(True)
             ids = ids[1:]

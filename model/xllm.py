@@ -1,4 +1,4 @@
-"""X-LLM: frozen encoders -> trainable X2L interfaces -> spliced into a frozen LLM's input embeddings.
+"""X-LLM: frozen encoders -> trainable X2L interfaces -> a frozen LLM's input embeddings.
 
 Pipeline for a request (each step batched across all media items given together):
     step 1: media decoded (xllm.model.media) and preprocessed (`prepare`: pixels, log-mel windows);
@@ -131,7 +131,8 @@ class XLLM(nn.Module):
     ) -> PreparedMedia:
         if kind not in self.modalities:
             raise ValueError(
-                f"this model does not take {kind} input (it takes: {', '.join(self.modalities) or 'text only'})"
+                f"this model does not take {kind} input "
+                f"(it takes: {', '.join(self.modalities) or 'text only'})"
             )
         if kind == "image":
             assert self.vision is not None and isinstance(media, Image.Image)

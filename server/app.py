@@ -200,7 +200,7 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     def watch_worker(self) -> None:
-        """A dead model worker cannot recover in-process: exit non-zero so a supervisor restarts us."""
+        """A dead model worker cannot recover in-process: exit non-zero for the supervisor."""
         while not self.should_exit:
             engine = self.runtime.engine
             if engine is not None and engine.dead is not None:

@@ -1,4 +1,4 @@
-"""Fetching http(s) media URLs, only from hosts the operator allowed, never into private networks."""
+"""Fetching http(s) media URLs: only from hosts the operator allowed, never private addresses."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ class VisionEncoder(nn.Module):
             vision_config = Blip2Config.from_pretrained(path).vision_config
             model = Blip2VisionModel(vision_config)
             state = load_prefixed_state_dict(path, "vision_model.")
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing, _ = model.load_state_dict(state, strict=False)
             if missing:
                 raise ModelConfigError(f"{path}: vision weights missing: {missing[:5]}")
         elif model_type == "blip_2_vision_model":

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 
 class FrameStackProjector(nn.Module):
-    """Encoder frames (T, De) -> LLM tokens (ceil(T / k), H): k frames stacked, then a 2-layer MLP."""
+    """Encoder frames (T, De) -> LLM tokens (ceil(T / k), H): k frames stacked, a 2-layer MLP."""
 
     def __init__(
         self, encoder_hidden: int, llm_hidden: int, stack_frames: int = 5, mlp_hidden: int = 2048

@@ -226,10 +226,10 @@ class Engine:
 
     def _finish(self, entry: Scheduled[Job], event: FinishEvent | ErrorEvent | None = None) -> None:
         self.scheduler.finish(entry)
+        with self._lock:  # before the event: whoever sees the end also sees the place released
+            self._in_system -= 1
         if event is not None:
             entry.item.handle.push(event)
-        with self._lock:
-            self._in_system -= 1
 
     def _fail(self, entries: list[Scheduled[Job]], message: str, status: int = 500) -> None:
         for entry in entries:

@@ -67,7 +67,7 @@ async def _files(kind: str, files: list[UploadFile] | None) -> list[MediaInput]:
     responses={
         **ERRORS,
         200: {
-            "description": "The reply; with stream=true an SSE stream of ChatStreamEvent, then [DONE]",
+            "description": "The reply; with stream=true SSE ChatStreamEvents, then [DONE]",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
     },
