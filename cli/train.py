@@ -1,6 +1,6 @@
 """`python -m xllm.train ...`: `xllm train` as a module, which is what torchrun launches.
 
-    torchrun --nproc_per_node 8 -m xllm.train --stage 2 --modality image --model M --data D --out O
+torchrun --nproc_per_node 8 -m xllm.train --stage 2 --modality image --model M --data D --out O
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Blip2Config
+
 from xllm.model.config import (
     INTERFACES_NAME,
     ComponentPath,

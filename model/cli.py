@@ -62,6 +62,7 @@ def run_init_tiny(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
+
     from xllm.main import UserError
     from xllm.model.checkpoint import default_model_dir, load_model
     from xllm.model.config import XLLMConfig

@@ -13,6 +13,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
 from xllm.model.config import ModelConfigError
 
 Quantize = Literal["none", "nf4", "int8"]

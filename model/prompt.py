@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
 from xllm.model.config import MODALITIES, Modality, Tags
 
 ROLES = ("system", "user", "assistant")

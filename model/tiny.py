@@ -20,6 +20,7 @@ from transformers import (
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
 from xllm.model.config import (
     ComponentPath,
     QFormerInterfaceConfig,

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from xllm.model.config import Modality, XLLMConfig
 from xllm.model.encoders.speech import SpeechEncoder
 from xllm.model.encoders.vision import VisionEncoder

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
 from xllm import __version__
 from xllm.server.deps import ClientDisconnected, Runtime
 from xllm.server.errors import ERROR_TYPES, ServingError, error_body

@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace):  # -> Settings (import kept lazy)
     from pydantic import ValidationError
+
     from xllm.main import UserError
     from xllm.server.settings import Settings
 

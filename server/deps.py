@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
+
 from xllm.server.engine.worker import Engine
 from xllm.server.metrics import Metrics
 from xllm.server.serving import ChatService

@@ -10,6 +10,7 @@ import uuid
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from xllm.server.errors import error_body
 from xllm.server.metrics import Metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import yaml
+
 from xllm.server.app import create_app
 from xllm.server.settings import Settings
 

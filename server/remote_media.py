@@ -8,6 +8,7 @@ import socket
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+
 from xllm.server.errors import ServingError
 
 MAX_REDIRECTS = 3

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
 from xllm.model.config import ModelConfigError
 from xllm.model.encoders.vision import read_model_type
 

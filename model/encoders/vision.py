@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import Blip2Config, Blip2VisionConfig, Blip2VisionModel
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
 from xllm.model.config import ModelConfigError
 
 

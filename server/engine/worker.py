@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from xllm.model.generate import (
     IncrementalDetokenizer,
     SequenceState,

@@ -7,6 +7,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+
 from xllm.server.deps import (
     RequestIdDep,
     RuntimeDep,
