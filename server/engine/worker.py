@@ -138,12 +138,11 @@ class Engine:
     def reserve(self) -> None:
         """Claim a place before the (slow) media decoding; release() if the request never comes."""
         with self._lock:
-            if self._stopping or not self.alive:
-                raise EngineUnavailable(
-                    "the server is shutting down"
-                    if self._stopping
-                    else "the model worker is not running"
-                )
+            if self._stopping:
+                raise EngineUnavailable("the server is shutting down")
+            # Before start() requests may queue; once started, a dead worker takes none.
+            if self.dead is not None or (self._thread is not None and not self.alive):
+                raise EngineUnavailable("the model worker is not running")
             if self._in_system >= self.capacity:
                 raise EngineFull(
                     f"{self._in_system} requests are queued or running; try again shortly"

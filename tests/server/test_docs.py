@@ -47,3 +47,12 @@ def test_openapi_yaml_is_generated_from_the_app():
     assert (ROOT / "openapi.yaml").read_text() == openapi_yaml(), (
         "openapi.yaml is stale: run `python -m xllm.server.openapi openapi.yaml`"
     )
+
+
+def test_serve_without_model_uses_the_builtin_model(start_server, tmp_path):
+    import httpx
+
+    server = start_server(model_dir=None, env={"XLLM_CACHE": str(tmp_path)})
+    r = httpx.post(f"{server.url}/chat", data={"prompt": "hello", "max_tokens": "4"}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert "RANDOM-weight" in server.log_text()  # never passed off as a real model

@@ -135,3 +135,45 @@ def test_nan_logits_are_reported_not_streamed(model):
     finally:
         head.forward = original
         engine.shutdown()
+
+
+def test_media_of_requests_admitted_together_is_encoded_in_one_batch(model):
+    from PIL import Image
+
+    calls: list[int] = []
+    original = model.vision.forward
+
+    def counting(pixels):
+        calls.append(pixels.shape[0])
+        return original(pixels)
+
+    model.vision.forward = counting
+    engine = Engine(model, EngineConfig(max_batch=4, max_queue=4))
+    images = [model.prepare("image", Image.new("RGB", (40, 30), (i * 40, 0, 0))) for i in range(4)]
+
+    async def submit_all() -> list:
+        loop = asyncio.get_running_loop()
+        handles = []
+        for i, image in enumerate(images + images[:1]):  # the fifth repeats the first image
+            engine.reserve()
+            handle = RequestHandle(f"m{i}", loop)
+            messages = bind_media([("user", "what is it?")], ["image"])
+            params = SamplingParams(max_tokens=2, ignore_eos=True)
+            engine.submit(EngineRequest(f"m{i}", messages, [image], params, True), handle)
+            handles.append(handle)
+        engine.start()  # everything is queued before the worker's first iteration
+        return [await drain(h) for h in handles]
+
+    async def drain(handle):
+        while not isinstance(event := await handle.next_event(), FinishEvent | ErrorEvent):
+            pass
+        return event
+
+    try:
+        results = asyncio.run(submit_all())
+    finally:
+        model.vision.forward = original
+        engine.shutdown()
+    assert all(isinstance(r, FinishEvent) for r in results)
+    assert calls == [4]  # four slots admitted together: one vision call for four images
+    assert engine.encoder_cache.hits == 1  # the fifth request reused the first one's encoding
