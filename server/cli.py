@@ -12,7 +12,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "--port": (int, "port (default 8000)"),
     "--max-batch": (int, "sequences decoding together = KV slots (default 32)"),
     "--max-queue": (int, "requests waiting beyond --max-batch before 429 (default 64)"),
-    "--max-model-len": (int, "context per KV slot (default: the model's)"),
+    "--max-model-len": (int, "context per KV slot (default: the model's, at most 8192)"),
     "--prefill-chunk": (int, "prompt positions per prefill step (default 512)"),
     "--default-max-tokens": (int, "max_tokens when a request gives none (default 512)"),
     "--encoder-cache-mb": (int, "encoder output cache size (default 256)"),

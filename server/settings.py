@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, description="sequences decoding together (KV slots)")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch; then 429")
     max_model_len: int | None = Field(
-        None, ge=16, description="context per slot; default: the model's"
+        None, ge=16, description="context per KV slot; default: the model's, at most 8192"
     )
     prefill_chunk: int = Field(512, ge=16, description="prompt positions per prefill step")
     default_max_tokens: int = Field(512, ge=1)

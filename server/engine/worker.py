@@ -46,11 +46,16 @@ from xllm.server.engine.scheduler import Phase, Scheduled, Scheduler
 log = logging.getLogger("xllm.engine")
 
 
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
 @dataclass
 class EngineConfig:
     max_batch: int = 32  # sequences decoding together (= KV slots)
     max_queue: int = 64  # requests waiting beyond those
-    max_model_len: int | None = None  # positions per slot; default: the model's context
+    # Positions per slot; default: the model's context, capped at DEFAULT_MAX_MODEL_LEN because
+    # slots are preallocated (GLM-4-9B's 128k context x 32 slots would be ~170 GB of KV cache).
+    max_model_len: int | None = None
     prefill_chunk: int = 512
     default_max_tokens: int = 512
     encoder_cache_mb: int = 256
@@ -96,7 +101,8 @@ class Engine:
         self.model = model
         self.config = config
         self.observer = observer or EngineObserver()
-        self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
+        wanted = config.max_model_len or min(model.max_model_len, DEFAULT_MAX_MODEL_LEN)
+        self.max_model_len = min(wanted, model.max_model_len)
         self.cache = SlotKVCache.for_model(
             model.llm, config.max_batch, self.max_model_len, model.device
         )
