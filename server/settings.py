@@ -17,7 +17,7 @@ def _split_list(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="XLLM_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="XLLM_", extra="forbid", env_ignore_empty=True)
 
     model: Path | None = Field(
         None, description="model directory; default: the built-in demo model"
