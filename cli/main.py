@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "xllm.server.cli",
     "xllm.clients.chat_cli",
     "xllm.model.train.cli",
+    "xllm.clients.bench",
 )
 
 
@@ -26,12 +27,20 @@ class UserError(Exception):
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the user's input was wrong", mapped to exit code 2."""
-    from xllm.model.config import ModelConfigError
-    from xllm.model.media import MediaError
-    from xllm.model.prompt import PromptError
+    """Exception types that mean "the user's input was wrong", mapped to exit code 2.
 
-    return (UserError, ModelConfigError, MediaError, PromptError)
+    Only modules already imported are consulted: an error of a type from a module that was never
+    loaded cannot have been raised, and importing the model stack here would cost seconds.
+    """
+    found: list[type[BaseException]] = [UserError]
+    for module, name in (
+        ("xllm.model.config", "ModelConfigError"),
+        ("xllm.model.media", "MediaError"),
+        ("xllm.model.prompt", "PromptError"),
+    ):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
 
 def build_parser() -> argparse.ArgumentParser:

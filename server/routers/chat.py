@@ -24,7 +24,6 @@ router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503)}
 _TURNS = TypeAdapter(list[ChatTurn])
-_STOP = TypeAdapter(list[str])
 
 
 def _turns(prompt: str | None, messages: str | None) -> list[tuple[str, str]]:
@@ -47,14 +46,20 @@ def _turns(prompt: str | None, messages: str | None) -> list[tuple[str, str]]:
 
 
 def _stop(values: list[str] | None) -> list[str] | None:
-    """`stop` repeated, or one JSON list of strings; anything else is a 422."""
+    """`stop` repeated, or one JSON list of strings; a JSON list of anything else is a 422.
+
+    A single value that is not a JSON list (e.g. `[END]`) is a literal stop string.
+    """
     if not values:
         return None
     if len(values) == 1 and values[0].lstrip().startswith("["):
         try:
-            return _STOP.validate_json(values[0])
-        except ValidationError:
-            raise ServingError("'stop' must be strings or a JSON list of strings", 422) from None
+            parsed = json.loads(values[0])
+        except json.JSONDecodeError:
+            return values
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise ServingError("'stop' must be strings or a JSON list of strings", 422)
+        return parsed
     return values
 
 

@@ -89,6 +89,8 @@ def test_stop_strings_repeatable_or_json(server):
         assert base.startswith(text)
     r = chat(server, {"prompt": "x", "stop": "[1, 2]"})
     assert r.status_code == 422
+    # Not a JSON list: a literal stop string.
+    assert chat(server, {"prompt": "x", "stop": "[END]", "max_tokens": "3"}).status_code == 200
 
 
 def test_greedy_identical_alone_and_in_batch_of_32(server):
