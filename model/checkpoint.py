@@ -87,7 +87,12 @@ def load_interfaces(model: XLLM, path: Path) -> None:
         own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not own:
             raise ModelConfigError(f"{path}: no weights for '{name}'")
-        missing, unexpected = module.load_state_dict(own, strict=False)
+        try:
+            missing, unexpected = module.load_state_dict(own, strict=False)
+        except RuntimeError as exc:  # shapes differ from what xllm.json configures
+            raise ModelConfigError(
+                f"{path}: '{name}' does not match xllm.json: {str(exc).splitlines()[-1].strip()}"
+            ) from None
         if missing or unexpected:
             raise ModelConfigError(
                 f"{path}: '{name}' missing keys {missing[:5]}, unexpected {unexpected[:5]}"

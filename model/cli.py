@@ -71,9 +71,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from xllm.model.prompt import bind_media
 
     model_dir = args.model or default_model_dir()
+    config = XLLMConfig.load(model_dir)
     try:
         params = sampling_params(
-            XLLMConfig.load(model_dir).sampling,
+            config.sampling,
             max_tokens=args.max_tokens,
             min_tokens=args.min_tokens,
             temperature=args.temperature,
@@ -89,7 +90,10 @@ def run_generate(args: argparse.Namespace) -> int:
     # Media are decoded before the model loads, so a bad file fails fast.
     files = [("image", p) for p in args.image] + [("audio", p) for p in args.audio]
     files += [("video", p) for p in args.video]
-    decoded = [(kind, load_media_file(path, kind)) for kind, path in files]
+    # Video frames are sampled as the model was trained (and as the server does).
+    video = config.image_interface
+    video_kwargs = {"fps": video.video_fps, "max_frames": video.max_frames} if video else {}
+    decoded = [(kind, load_media_file(path, kind, **video_kwargs)) for kind, path in files]
 
     model = load_model(model_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
     turns = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]

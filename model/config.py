@@ -61,6 +61,13 @@ class SpeechInterfaceConfig:
     stack_frames: int = 5  # frames concatenated per output token (50 Hz -> 10 Hz)
     mlp_hidden_size: int = 2048
 
+    def __post_init__(self) -> None:
+        if self.type not in ("cformer", "frame_stack"):
+            raise ModelConfigError(
+                f"{CONFIG_NAME}: 'speech_interface.type' must be 'cformer' or 'frame_stack', "
+                f"not {self.type!r}"
+            )
+
 
 @dataclass
 class Tags:
@@ -110,26 +117,35 @@ class XLLMConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> XLLMConfig:
-        def sub(key: str, kind: type) -> Any:
-            value = raw.get(key)
+        def sub(key: str, kind: type, value: Any = None) -> Any:
+            value = raw.get(key) if value is None else value
             if value is None:
                 return None
+            if not isinstance(value, dict):
+                raise ModelConfigError(f"{CONFIG_NAME}: '{key}' must be an object")
             try:
                 return kind(**value)
             except TypeError as exc:
                 raise ModelConfigError(f"{CONFIG_NAME}: bad '{key}' section: {exc}") from None
 
+        if not isinstance(raw, dict):
+            raise ModelConfigError(f"{CONFIG_NAME}: expected a JSON object")
         if "llm" not in raw:
             raise ModelConfigError(f"{CONFIG_NAME}: missing key 'llm'")
-        tags = {k: tuple(v) for k, v in raw.get("tags", {}).items()}
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ModelConfigError(f"{CONFIG_NAME}: unknown key(s) {', '.join(map(repr, unknown))}")
+        tags = raw.get("tags") or {}
+        if isinstance(tags, dict):
+            tags = {k: tuple(v) if isinstance(v, list) else v for k, v in tags.items()}
         return cls(
             llm=sub("llm", ComponentPath),
             vision=sub("vision", ComponentPath),
             speech=sub("speech", ComponentPath),
             image_interface=sub("image_interface", QFormerInterfaceConfig),
             speech_interface=sub("speech_interface", SpeechInterfaceConfig),
-            tags=Tags(**tags),
-            sampling=SamplingDefaults(**raw.get("sampling", {})),
+            tags=sub("tags", Tags, tags),
+            sampling=sub("sampling", SamplingDefaults) or SamplingDefaults(),
             system_prompt=raw.get("system_prompt"),
             name=raw.get("name", "xllm"),
             format_version=raw.get("format_version", FORMAT_VERSION),

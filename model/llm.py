@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,20 @@ def quantization_config(
     raise ModelConfigError(f"unknown quantization '{quantize}'; choose one of {QUANTIZE_CHOICES}")
 
 
+class _DropCastNotice(logging.Filter):
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 matmul with float32
+    inputs (the CPU path): hundreds of identical lines per generated token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
+def _quiet_int8_cast_notice() -> None:
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropCastNotice())
+
+
 def load_llm(
     path: Path, device: torch.device, dtype: torch.dtype, quantize: Quantize = "none"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -67,6 +82,8 @@ def load_llm(
     kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
     qconfig = quantization_config(quantize, dtype)
     if qconfig is not None:
+        if quantize == "int8":
+            _quiet_int8_cast_notice()
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -173,7 +173,9 @@ class XLLM(nn.Module):
             assert self.vision is not None and self.image_interface is not None
             assert self.video_interface is not None
             pixels = torch.cat([items[i].pixels for i in visual]).to(self.device)
-            patches = self.vision(pixels).split([items[i].pixels.shape[0] for i in visual])
+            # The encoders may run in half precision (GPU); the interfaces keep float32 weights.
+            patches = self.vision(pixels).to(_dtype_of(self.image_interface))
+            patches = patches.split([items[i].pixels.shape[0] for i in visual])
             images = [j for j, i in enumerate(visual) if items[i].kind == "image"]
             if images:
                 tokens = self.image_interface(torch.cat([patches[j] for j in images]))  # (N, Q, H)
@@ -186,7 +188,7 @@ class XLLM(nn.Module):
         if sound:
             assert self.speech is not None and self.speech_interface is not None
             features = torch.cat([items[i].audio_features for i in sound]).to(self.device)
-            hidden = self.speech(features)
+            hidden = self.speech(features).to(_dtype_of(self.speech_interface))
             frames = self.speech.join_windows(
                 hidden,
                 [items[i].audio_features.shape[0] for i in sound],
@@ -218,6 +220,10 @@ class XLLM(nn.Module):
         """(L, H) prompt embeddings on the LLM's device, in its dtype."""
         media = [[t for _, t in item] for item in encoded]
         return embed_layout(self.llm.get_input_embeddings(), layout, media)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _digest(kind: str, *parts: bytes | tuple) -> str:

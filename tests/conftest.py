@@ -1,0 +1,158 @@
+"""Shared fixtures: one tiny random model directory per session, and media made on the spot.
+
+Everything is generated here (no downloads): the tiny model by `xllm.model.tiny.init_tiny`, images
+with Pillow, audio with soundfile and videos with PyAV, all small enough for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+
+class MediaMaker:
+    """Writes small media files (PNG, WAV, MP4) or returns their bytes; all seeded."""
+
+    SAMPLE_RATE = 16_000
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- arrays and PIL objects ---
+    @staticmethod
+    def image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+        return Image.fromarray(pixels, "RGB")
+
+    @staticmethod
+    def waveform(seconds: float, seed: int = 0, rate: int = SAMPLE_RATE) -> np.ndarray:
+        """A chirp plus noise (float32 mono); different seeds give different clips."""
+        rng = np.random.default_rng(seed)
+        t = np.arange(round(seconds * rate)) / rate
+        freq = 200 + 100 * rng.random() + 300 * t / max(seconds, 1e-6)
+        tone = 0.3 * np.sin(2 * np.pi * freq * t)
+        return (tone + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+    # --- files ---
+    def png(self, name: str = "image.png", seed: int = 0, size: tuple[int, int] = (48, 40)) -> Path:
+        path = self.root / name
+        self.image(seed, size).save(path, "PNG")
+        return path
+
+    def wav(self, name: str = "audio.wav", seconds: float = 1.0, seed: int = 0) -> Path:
+        path = self.root / name
+        sf.write(path, self.waveform(seconds, seed), self.SAMPLE_RATE, subtype="PCM_16")
+        return path
+
+    def mp4(
+        self,
+        name: str = "video.mp4",
+        *,
+        frames: int = 10,
+        fps: int = 10,
+        size: int = 64,
+        audio: bool = False,
+    ) -> Path:
+        path = self.root / name
+        path.write_bytes(self.mp4_bytes(frames=frames, fps=fps, size=size, audio=audio))
+        return path
+
+    def corrupt(self, name: str = "corrupt.png") -> Path:
+        """A file that claims to be a PNG (valid signature) but is garbage after it."""
+        path = self.root / name
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+        return path
+
+    @staticmethod
+    def video_codec() -> str:
+        for codec in ("libx264", "h264", "mpeg4"):
+            if codec in av.codecs_available:
+                try:
+                    av.Codec(codec, "w")
+                except Exception:
+                    continue
+                return codec
+        pytest.skip("this PyAV build has no H.264 / MPEG-4 encoder")
+
+    @classmethod
+    def mp4_bytes(cls, *, frames: int = 10, fps: int = 10, size: int = 64, audio: bool = False):
+        """An MP4 of a square moving over a gradient; with `audio`, an AAC tone track."""
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mp4") as container:
+            stream = container.add_stream(cls.video_codec(), rate=fps)
+            stream.width = stream.height = size
+            stream.pix_fmt = "yuv420p"
+            astream = container.add_stream("aac", rate=44100, layout="mono") if audio else None
+            for i in range(frames):
+                img = np.zeros((size, size, 3), np.uint8)
+                img[..., 0] = np.linspace(0, 255, size, dtype=np.uint8)[None, :]
+                x = (i * 5) % (size - 16)
+                img[20:36, x : x + 16] = (255, 255, 0)
+                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+                frame.pts = i
+                frame.time_base = Fraction(1, fps)
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+            if astream is not None:
+                cls._mux_tone(container, astream, frames / fps)
+        return buf.getvalue()
+
+    @staticmethod
+    def _mux_tone(container, stream, seconds: float) -> None:
+        rate = stream.rate
+        t = np.arange(round(seconds * rate)) / rate
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None, :]
+        frame_size = stream.codec_context.frame_size or 1024
+        fmt = stream.codec_context.codec.audio_formats[0].name
+        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
+        for i in range(0, tone.shape[1], frame_size):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(tone[:, i : i + frame_size]), format="fltp", layout="mono"
+            )
+            frame.sample_rate = rate
+            frame.pts = i
+            frame.time_base = Fraction(1, rate)
+            for out in resampler.resample(frame):
+                container.mux(stream.encode(out))
+        for out in resampler.resample(None):
+            container.mux(stream.encode(out))
+        container.mux(stream.encode(None))
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> MediaMaker:
+    """Session-wide media maker writing under one temporary directory."""
+    return MediaMaker(tmp_path_factory.mktemp("media"))
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> MediaMaker:
+    """Per-test media maker writing under the test's own temporary directory."""
+    return MediaMaker(tmp_path / "media")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny random-weight model directory (`xllm init-tiny`), made once per session.
+
+    Treat it as read-only: tests that change a model directory copy or save to their own.
+    """
+    from xllm.model.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    """The tiny model loaded on the CPU in float32. Shared: do not change its weights."""
+    from xllm.model.checkpoint import load_model
+
+    return load_model(tiny_model_dir, device="cpu", dtype="float32")

@@ -1,0 +1,301 @@
+"""Decoding (xllm.model.generate) against HF `generate`, plus sampling, stops and lengths."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from xllm.model.generate import (
+    IncrementalDetokenizer,
+    SamplingParams,
+    SequenceState,
+    SlotKVCache,
+    eos_token_ids,
+    forward_step,
+    generate,
+    prefill,
+    sample_next,
+    sampling_params,
+)
+from xllm.model.prompt import bind_media
+
+STEPS = 24
+
+
+def multimodal_prompt(model, media, text: str, seed: int, audio_seconds: float) -> torch.Tensor:
+    """(L, H) prompt embeddings with an image and an audio clip spliced in."""
+    items = [
+        model.prepare("image", media.image(seed=seed)),
+        model.prepare("audio", media.waveform(audio_seconds, seed=seed)),
+    ]
+    with torch.inference_mode():
+        encoded = model.encode(items)
+        layout = model.layout(bind_media([("user", text)], ["image", "audio"]), encoded)
+        assert [s[1] for s in layout.spans] == [t.shape[0] for e in encoded for _, t in e]
+        return model.embed(layout, encoded)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model, media_dir) -> list[torch.Tensor]:
+    return [
+        multimodal_prompt(tiny_model, media_dir, "What is in <image>? Hear <audio>.", 0, 1.0),
+        multimodal_prompt(tiny_model, media_dir, "Describe the picture.", 1, 0.4),
+        multimodal_prompt(tiny_model, media_dir, "Hello!", 2, 0.2),
+    ]
+
+
+def hf_greedy(llm, embeds: torch.Tensor, steps: int = STEPS, **kwargs) -> list[int]:
+    """HF's own greedy decoding; EOS is banned for `steps` tokens like min_tokens does."""
+    with torch.inference_mode():
+        out = llm.generate(
+            inputs_embeds=embeds[None],
+            attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            **kwargs,
+        )
+    return out[0, -steps:].tolist()
+
+
+def ours(model, embeds: torch.Tensor, **kwargs) -> list:
+    return list(generate(model.llm, model.tokenizer, embeds, SamplingParams(**kwargs)))
+
+
+def test_prompts_differ_and_media_are_in_them(prompts) -> None:
+    assert len({p.shape[0] for p in prompts}) == 3
+    assert all(p.shape[1] == 64 for p in prompts)
+
+
+# HF then penalises only generated tokens, which is what xllm does (the prompt is embeddings).
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`")
+@pytest.mark.parametrize(("chunk", "penalty"), [(512, 1.0), (7, 1.0), (512, 1.5)])
+def test_greedy_equals_hf_generate(tiny_model, prompts, chunk: int, penalty: float) -> None:
+    embeds = prompts[0]
+    expected = hf_greedy(tiny_model.llm, embeds, repetition_penalty=penalty)
+    params = SamplingParams(max_tokens=STEPS, min_tokens=STEPS, repetition_penalty=penalty)
+    deltas = list(
+        generate(tiny_model.llm, tiny_model.tokenizer, embeds, params, prefill_chunk=chunk)
+    )
+    assert [d.token for d in deltas] == expected
+    assert len(set(expected)) > 3  # a real sequence, not one token repeated
+    if penalty != 1.0:
+        assert expected != hf_greedy(tiny_model.llm, embeds)  # the penalty is really applied
+    assert [d.finish_reason for d in deltas] == [None] * (STEPS - 1) + ["length"]
+
+
+def test_slot_batch_equals_hf_generate_per_prompt(tiny_model, prompts) -> None:
+    """Continuous batching: A starts alone, B joins, B leaves, C reuses B's slot; all greedy."""
+    llm, device = tiny_model.llm, tiny_model.device
+    embed = llm.get_input_embeddings()
+    budget = [3 + 2 * STEPS + 4, STEPS, STEPS]  # A outlives B and then runs beside C
+    expected = [hf_greedy(llm, p, n) for p, n in zip(prompts, budget, strict=True)]
+    eos = sorted(eos_token_ids(llm, tiny_model.tokenizer))
+    max_len = max(p.shape[0] for p in prompts) + max(budget)
+    cache = SlotKVCache.for_model(llm, num_slots=3, max_len=max_len, device=device)
+
+    slot_of = {0: 2, 1: 0, 2: 0}  # prompt C (2) reuses prompt B's (1) slot after B is done
+    tokens: dict[int, list[int]] = {}
+    logits: dict[int, torch.Tensor] = {}
+
+    def join(i: int) -> None:
+        slot = torch.tensor([slot_of[i]])
+        logits[i] = prefill(llm, cache, prompts[i], slot, chunk=16)
+        tokens[i] = []
+
+    def step() -> list[int]:
+        running = [i for i in tokens if len(tokens[i]) < budget[i]]
+        new = sample_next(
+            torch.cat([logits[i] for i in running]),
+            [SamplingParams(max_tokens=budget[i], min_tokens=budget[i]) for i in running],
+            [tokens[i] for i in running],
+            [None] * len(running),
+            eos,
+        )
+        for i, t in zip(running, new, strict=True):
+            tokens[i].append(t)
+        embeds = embed(torch.tensor([[t] for t in new]))
+        starts = torch.tensor([prompts[i].shape[0] + len(tokens[i]) - 1 for i in running])
+        slots = torch.tensor([slot_of[i] for i in running])
+        out = forward_step(llm, cache, embeds, slots, starts)
+        for row, i in enumerate(running):
+            logits[i] = out[row : row + 1]
+        return running
+
+    join(0)
+    for _ in range(3):
+        assert step() == [0]
+    join(1)
+    while len(tokens[1]) < STEPS:
+        assert step() == [0, 1]
+    join(2)  # the shortest prompt, into a slot holding B's longer stale K/V
+    while len(tokens[2]) < STEPS:
+        assert step() == [0, 2]
+    while len(tokens[0]) < budget[0]:
+        assert step() == [0]
+    for i in range(3):
+        assert tokens[i] == expected[i], f"prompt {i}"
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model, prompts) -> None:
+    embeds = prompts[1]
+    common = {"max_tokens": 20, "min_tokens": 20, "temperature": 1.5}
+    first = [d.token for d in ours(tiny_model, embeds, seed=123, **common)]
+    again = [d.token for d in ours(tiny_model, embeds, seed=123, **common)]
+    other = [d.token for d in ours(tiny_model, embeds, seed=124, **common)]
+    greedy = [d.token for d in ours(tiny_model, embeds, max_tokens=20, min_tokens=20)]
+    assert first == again
+    assert first != other
+    assert first != greedy
+    # top_k=1 leaves only the argmax: sampling is then greedy whatever the seed.
+    top1 = [d.token for d in ours(tiny_model, embeds, seed=5, top_k=1, **common)]
+    assert top1 == greedy
+
+
+def test_text_is_the_detokenized_tokens(tiny_model, prompts) -> None:
+    deltas = ours(tiny_model, prompts[0], max_tokens=30, min_tokens=30)
+    text = "".join(d.text for d in deltas)
+    tokens = [d.token for d in deltas]
+    assert text == tiny_model.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert text.strip()
+
+
+def test_stop_strings_cut_the_text(tiny_model, prompts) -> None:
+    full_deltas = ours(tiny_model, prompts[0], max_tokens=40, min_tokens=40)
+    full = "".join(d.text for d in full_deltas)
+    assert len(full) > 20, full
+    tried = 0
+    # Stops starting at several offsets, so some straddle token boundaries.
+    for offset in (6, 9, 13, 17):
+        stop = full[offset : offset + 3]
+        if not stop.strip():
+            continue
+        tried += 1
+        deltas = ours(tiny_model, prompts[0], max_tokens=40, min_tokens=40, stop=(stop, "@@@"))
+        text = "".join(d.text for d in deltas)
+        assert text == full[: full.find(stop)]
+        assert stop not in text
+        assert deltas[-1].finish_reason == "stop"
+        assert all(d.finish_reason is None for d in deltas[:-1])
+        assert len(deltas) < 40
+    assert tried >= 2
+
+
+@contextmanager
+def eos_always_wins(llm, eos: list[int]):
+    """Make EOS the argmax at every step, so that only min_tokens can hold it back."""
+
+    def hook(_module, _inputs, output):
+        output = output.clone()
+        output[..., eos] += 1e4
+        return output
+
+    handle = llm.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_min_tokens_suppresses_eos(tiny_model, prompts) -> None:
+    llm = tiny_model.llm
+    eos = sorted(eos_token_ids(llm, tiny_model.tokenizer))
+    assert tiny_model.tokenizer.eos_token_id in eos
+    with eos_always_wins(llm, eos):
+        plain = ours(tiny_model, prompts[2], max_tokens=10)
+        held = ours(tiny_model, prompts[2], max_tokens=10, min_tokens=5)
+    assert len(plain) == 1 and plain[0].token in eos
+    assert plain[0].finish_reason == "stop" and plain[0].text == ""
+    assert len(held) == 6
+    assert all(d.token not in eos for d in held[:5])
+    assert held[5].token in eos and held[5].finish_reason == "stop"
+
+
+def test_ignore_eos_runs_to_max_tokens(tiny_model, prompts) -> None:
+    llm = tiny_model.llm
+    eos = sorted(eos_token_ids(llm, tiny_model.tokenizer))
+    with eos_always_wins(llm, eos):
+        deltas = ours(tiny_model, prompts[2], max_tokens=4, ignore_eos=True)
+    assert [d.token in eos for d in deltas] == [True] * 4
+    assert deltas[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5])
+def test_max_tokens_gives_length(tiny_model, prompts, max_tokens: int) -> None:
+    deltas = ours(tiny_model, prompts[1], max_tokens=max_tokens, min_tokens=max_tokens)
+    assert len(deltas) == max_tokens
+    assert deltas[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", 0),
+        ("min_tokens", 600),
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("top_k", -1),
+        ("repetition_penalty", 0.0),
+    ],
+)
+def test_bad_sampling_parameters_name_the_field(tiny_model, field: str, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        sampling_params(tiny_model.config.sampling, **{field: value})
+
+
+def test_stop_must_not_be_empty(tiny_model) -> None:
+    with pytest.raises(ValueError, match="stop"):
+        sampling_params(tiny_model.config.sampling, stop=("",))
+
+
+def replay(tokenizer, text: str, **params) -> tuple[list[str], SequenceState]:
+    """Feed the tokens of `text` to a SequenceState one by one; return the deltas."""
+    state = SequenceState(
+        SamplingParams(**{"max_tokens": 100, **params}),
+        frozenset({tokenizer.eos_token_id}),
+        IncrementalDetokenizer(tokenizer),
+    )
+    deltas = []
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        deltas.append(state.append(token))
+        if state.finish_reason:
+            break
+    return deltas, state
+
+
+def test_streamed_text_never_splits_a_character(tiny_model) -> None:
+    text = "你好，很高兴见到你。The circle is red."
+    deltas, state = replay(tiny_model.tokenizer, text)
+    assert "".join(deltas) == text == state.text
+    assert not any("\ufffd" in d for d in deltas)
+    assert "" in deltas  # some tokens are partial characters: nothing is emitted for them
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        ("circle", "The "),
+        ("e is r", "The circl"),  # straddles several tokens
+        ("red.", "The circle is "),
+        ("高兴", "你好，很"),  # inside multi-token characters
+    ],
+)
+def test_stop_string_in_a_token_stream(tiny_model, stop: str, expected: str) -> None:
+    text = "你好，很高兴见到你。" if "高" in stop else "The circle is red. The square is green."
+    deltas, state = replay(tiny_model.tokenizer, text, stop=(stop,))
+    assert state.finish_reason == "stop"
+    assert "".join(deltas) == state.text == expected
+
+
+def test_held_stop_prefix_is_released(tiny_model) -> None:
+    # "red" starts like the stop "red!" but the stop never completes: nothing may be lost.
+    text = "The circle is red"
+    deltas, state = replay(tiny_model.tokenizer, text, stop=("red!",), max_tokens=100)
+    n = len(tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert "".join(deltas) == "The circle is "  # "red" is held: it may still become the stop
+    assert state.finish_reason is None
+    deltas, state = replay(tiny_model.tokenizer, text, stop=("red!",), max_tokens=n)
+    assert state.finish_reason == "length"
+    assert "".join(deltas) == state.text == text  # at the end, the held text is flushed

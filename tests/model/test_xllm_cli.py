@@ -1,0 +1,257 @@
+"""The real `xllm` command in subprocesses: init-tiny, generate (plain, nf4, int8), user errors.
+
+The subprocess runs are independent, so each group is started at once and run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+# The entry point installed beside this interpreter (the venv's), else the one on PATH.
+_BESIDE = Path(sys.executable).parent / "xllm"
+XLLM = str(_BESIDE) if _BESIDE.exists() else (shutil.which("xllm") or "xllm")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+PROMPT = "What is in <image>?"
+CONTEXT = 2048  # the tiny GLM's max_position_embeddings
+
+
+def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [XLLM, *args], capture_output=True, text=True, env=ENV, timeout=timeout, check=False
+    )
+
+
+def explain(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def files(media_dir) -> dict[str, Path]:
+    return {
+        "image": media_dir.png("cli.png", seed=5),
+        "audio": media_dir.wav("cli.wav", seconds=1.5, seed=5),
+        "video": media_dir.mp4("cli.mp4"),
+        "video_av": media_dir.mp4("cli_av.mp4", audio=True),
+        "corrupt": media_dir.corrupt("cli_corrupt.png"),
+    }
+
+
+@pytest.fixture(scope="module")
+def fps10_model(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """The tiny model with video sampled at 10 frames/s (so a 1 s clip gives 8 frames)."""
+    out = Path(shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("fps10") / "model"))
+    config = json.loads((out / "xllm.json").read_text())
+    config["image_interface"]["video_fps"] = 10.0
+    (out / "xllm.json").write_text(json.dumps(config))
+    return out
+
+
+def generate_args(model: Path, files: dict[str, Path], video: str, *extra: str) -> list[str]:
+    return [
+        "generate",
+        "--model",
+        str(model),
+        "--prompt",
+        PROMPT,
+        "--image",
+        str(files["image"]),
+        "--audio",
+        str(files["audio"]),
+        "--video",
+        str(files[video]),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir: Path, fps10_model: Path, files, tmp_path_factory):
+    """Every subprocess run of this module, side by side: `xllm init-tiny`, then `xllm generate`
+    on its output (none / nf4 / int8), and the user errors (on the session's tiny model)."""
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    base = ["generate", "--model", str(tiny_model_dir), "--prompt", "hi"]
+    errors = {
+        "corrupt": [*base, "--image", str(files["corrupt"])],
+        "missing": [*base, "--audio", str(out.parent / "missing.wav")],
+        "bad_flag": [*base, "--temprature", "0.5"],
+        "bad_choice": [*base, "--quantize", "nf8"],
+        # Over-long: the reply cannot fit the context. The message reports the prompt's length,
+        # checked below against the in-process pipeline (video at 10 fps, with its audio track).
+        "long": generate_args(fps10_model, files, "video_av", "--max-tokens", str(CONTEXT)),
+    }
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        init = pool.submit(run, "init-tiny", "--out", str(out))
+        futures = {name: pool.submit(run, *argv) for name, argv in errors.items()}
+        results = {"init": init.result()}
+        if results["init"].returncode == 0:
+            for quantize in ("none", "nf4", "int8"):
+                video = "video_av" if quantize == "none" else "video"
+                argv = generate_args(out, files, video, "--max-tokens", "8")
+                argv += ["--quantize", quantize, "--device", "cpu"]
+                futures[quantize] = pool.submit(run, *argv)
+        results.update({name: future.result() for name, future in futures.items()})
+    return out, results
+
+
+@pytest.fixture(scope="module")
+def cli_model(runs) -> Path:
+    """A model directory made by the real `xllm init-tiny`."""
+    out, results = runs
+    result = results["init"]
+    assert result.returncode == 0, explain(result)
+    assert str(out) in result.stdout
+    for name in ("xllm.json", "interfaces.safetensors", "llm/config.json", "vision", "speech"):
+        assert (out / name).exists(), name
+    return out
+
+
+def test_init_tiny(cli_model: Path) -> None:
+    assert json.loads((cli_model / "xllm.json").read_text())["name"] == "xllm-tiny"
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4", "int8"])
+def test_generate_with_image_audio_video(runs, cli_model: Path, quantize: str) -> None:
+    result = runs[1][quantize]
+    assert result.returncode == 0, explain(result)
+    assert result.stdout.strip()
+    assert "Traceback" not in result.stderr
+    # bitsandbytes' per-matmul "inputs will be cast" notice must not flood stderr.
+    assert "inputs will be cast" not in result.stderr
+
+
+def one_clear_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, explain(result)
+    assert "Traceback" not in result.stderr, explain(result)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, explain(result)
+    assert lines[0].startswith("xllm generate: error: ")
+    return lines[0]
+
+
+def test_corrupt_image(runs, files) -> None:
+    line = one_clear_line(runs[1]["corrupt"])
+    assert str(files["corrupt"]) in line
+
+
+def test_missing_file(runs) -> None:
+    line = one_clear_line(runs[1]["missing"])
+    assert "missing.wav" in line
+
+
+@pytest.mark.parametrize(("case", "word"), [("bad_flag", "--temprature"), ("bad_choice", "nf8")])
+def test_bad_flags(runs, case: str, word: str) -> None:
+    result = runs[1][case]
+    assert result.returncode == 2, explain(result)
+    assert "Traceback" not in result.stderr
+    assert word in result.stderr and "usage:" in result.stderr
+
+
+def prompt_length(model_dir: Path, files, video: str, fps: float) -> tuple[int, list[str]]:
+    """The prompt's length and the video's segments, computed in-process."""
+    from xllm.model.checkpoint import load_model
+    from xllm.model.media import load_media_file
+    from xllm.model.prompt import bind_media
+
+    model = load_model(model_dir, device="cpu")
+    video_media = load_media_file(files[video], "video", fps=fps, max_frames=8)
+    items = [
+        model.prepare("image", load_media_file(files["image"], "image")),
+        model.prepare("audio", load_media_file(files["audio"], "audio")),
+        model.prepare("video", video_media),
+    ]
+    with torch.inference_mode():
+        encoded = model.encode(items)
+    layout = model.layout(bind_media([("user", PROMPT)], ["image", "audio", "video"]), encoded)
+    return len(layout), [kind for kind, _ in encoded[2]]
+
+
+def test_over_long_prompt(runs, fps10_model: Path, files) -> None:
+    result = runs[1]["long"]
+    assert result.returncode == 2, explain(result)
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("xllm generate: error: ")
+    assert "exceeds the model's context" in last and str(CONTEXT) in last
+    match = re.search(r"prompt \((\d+) tokens\)", last)
+    assert match, last
+    # The CLI samples the video at the model's 10 fps and adds the video's audio track.
+    length, segments = prompt_length(fps10_model, files, "video_av", fps=10.0)
+    assert segments == ["video", "audio"]
+    assert int(match.group(1)) == length
+    at_one_fps, _ = prompt_length(fps10_model, files, "video_av", fps=1.0)
+    assert length == at_one_fps + 7 * 8  # 8 frames instead of 1, 8 queries each
+    silent, segments = prompt_length(fps10_model, files, "video", fps=10.0)
+    assert segments == ["video"]
+    assert length > silent + 2  # the audio segment's tags and at least one audio token
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--model", "{tmp}/nowhere"], ["model directory not found", "nowhere"]),
+        (["--max-tokens", "0"], ["max_tokens"]),
+        (["--top-p", "1.5"], ["top_p"]),
+        (["--image", "{tmp}/x.png"], ["x.png"]),
+        (["--prompt", "<image> <image>", "--image", "{png}"], ["2 <image>", "1 image"]),
+    ],
+)
+def test_user_errors_in_process(tiny_model_dir, files, tmp_path, capsys, argv, words) -> None:
+    """The same exit-code mapping through `xllm.main.main`, for cases not worth a subprocess."""
+    from xllm.main import main
+
+    argv = [a.format(tmp=tmp_path, png=files["image"]) for a in argv]
+    full = ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "cpu"]
+    assert main(full + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("xllm generate: error: ")
+    for word in words:
+        assert word in err
+
+
+def test_init_tiny_loads_fast(cli_model: Path) -> None:
+    """load_model's wall time on `xllm init-tiny` output (modules already imported)."""
+    from xllm.model.checkpoint import load_model
+
+    started = time.perf_counter()
+    load_model(cli_model, device="cpu")
+    seconds = time.perf_counter() - started
+    print(f"load_model(init-tiny output): {seconds:.3f} s")
+    assert seconds < 5.0
+
+
+def test_quantized_llm_layers_in_process(cli_model: Path) -> None:
+    import bitsandbytes as bnb
+
+    from xllm.model.checkpoint import load_model
+    from xllm.model.generate import SamplingParams, generate
+    from xllm.model.prompt import bind_media
+
+    started = time.perf_counter()
+    for quantize, kind in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)):
+        model = load_model(cli_model, device="cpu", quantize=quantize)
+        layers = model.llm.model.layers
+        linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all(isinstance(m, kind) for m in linears), quantize
+        # Only the LLM is quantized: the encoders and interfaces stay float.
+        for module in (model.vision, model.speech, *model.interfaces().values()):
+            assert not any(isinstance(m, kind) for m in module.modules())
+            assert all(p.dtype == torch.float32 for p in module.parameters())
+        layout = model.layout(bind_media([("user", "hello")], []), [])
+        with torch.inference_mode():
+            embeds = model.embed(layout, [])
+        deltas = list(
+            generate(model.llm, model.tokenizer, embeds, SamplingParams(max_tokens=4, min_tokens=4))
+        )
+        assert len(deltas) == 4
+    assert time.perf_counter() - started < 120
