@@ -112,12 +112,6 @@ def server(start_server) -> ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def media() -> dict[str, bytes]:
+def media_bytes() -> dict[str, bytes]:
     return {"png": make_png(), "wav": make_wav(), "mp4": make_mp4()}
 
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from xllm.model.tiny import init_tiny
-
-    return init_tiny(tmp_path_factory.mktemp("tiny-model"))

@@ -24,11 +24,11 @@ def chat(server, data: dict, files: list | None = None, **kwargs) -> httpx.Respo
     return httpx.post(f"{server.url}/chat", data=data, files=files, timeout=60, **kwargs)
 
 
-def test_chat_multipart_with_all_media(server, media):
+def test_chat_multipart_with_all_media(server, media_bytes):
     files = [
-        ("image", ("a.png", media["png"], "image/png")),
-        ("audio", ("a.wav", media["wav"], "audio/wav")),
-        ("video", ("a.mp4", media["mp4"], "video/mp4")),
+        ("image", ("a.png", media_bytes["png"], "image/png")),
+        ("audio", ("a.wav", media_bytes["wav"], "audio/wav")),
+        ("video", ("a.mp4", media_bytes["mp4"], "video/mp4")),
     ]
     r = chat(server, {"prompt": "Compare <image>, <audio> and <video>.", **GREEDY}, files)
     assert r.status_code == 200, r.text
@@ -42,8 +42,8 @@ def test_chat_multipart_with_all_media(server, media):
     assert body["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"] + 8 + 8
 
 
-def test_stream_equals_non_stream_and_ends_with_done(server, media):
-    files = [("image", ("a.png", media["png"], "image/png"))]
+def test_stream_equals_non_stream_and_ends_with_done(server, media_bytes):
+    files = [("image", ("a.png", media_bytes["png"], "image/png"))]
     plain = chat(server, {"prompt": "What is this?", **GREEDY}, files).json()
     r = chat(server, {"prompt": "What is this?", "stream": "true", **GREEDY}, files)
     assert r.headers["content-type"].startswith("text/event-stream")
@@ -55,7 +55,7 @@ def test_stream_equals_non_stream_and_ends_with_done(server, media):
     assert all("finish_reason" not in p for p in parsed[:-1])
 
 
-def test_messages_history_and_urlencoded(server, media):
+def test_messages_history_and_urlencoded(server, media_bytes):
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Look: <image>"},
@@ -63,7 +63,7 @@ def test_messages_history_and_urlencoded(server, media):
         {"role": "user", "content": "And this one? <image>"},
     ]
     files = [
-        ("image", ("a.png", media["png"], "image/png")),
+        ("image", ("a.png", media_bytes["png"], "image/png")),
         ("image", ("b.png", make_png(color=(0, 0, 255)), "image/png")),
     ]
     r = chat(server, {"messages": json.dumps(messages), **GREEDY}, files)
@@ -197,18 +197,18 @@ def test_dropped_non_streaming_request_is_cancelled(server):
     assert wait_for_metric(server, "xllm_num_requests_running", 0, timeout=1.5) == 0
 
 
-def test_openai_client_unchanged(server, media):
+def test_openai_client_unchanged(server, media_bytes):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     models = client.models.list()
     assert models.data[0].id == "xllm-tiny"
-    image_uri = "data:image/png;base64," + base64.b64encode(media["png"]).decode()
-    video_uri = "data:video/mp4;base64," + base64.b64encode(media["mp4"]).decode()
+    image_uri = "data:image/png;base64," + base64.b64encode(media_bytes["png"]).decode()
+    video_uri = "data:video/mp4;base64," + base64.b64encode(media_bytes["mp4"]).decode()
     content = [
         {"type": "text", "text": "What is in these?"},
         {"type": "image_url", "image_url": {"url": image_uri}},
         {
             "type": "input_audio",
-            "input_audio": {"data": base64.b64encode(media["wav"]).decode(), "format": "wav"},
+            "input_audio": {"data": base64.b64encode(media_bytes["wav"]).decode(), "format": "wav"},
         },
         {"type": "video_url", "video_url": {"url": video_uri}},
     ]
@@ -237,9 +237,9 @@ def test_openai_client_unchanged(server, media):
     assert chunks[-1].usage.completion_tokens == 10
     # Same request through /chat: same greedy answer.
     files = [
-        ("image", ("a.png", media["png"], "image/png")),
-        ("audio", ("a.wav", media["wav"], "audio/wav")),
-        ("video", ("a.mp4", media["mp4"], "video/mp4")),
+        ("image", ("a.png", media_bytes["png"], "image/png")),
+        ("audio", ("a.wav", media_bytes["wav"], "audio/wav")),
+        ("video", ("a.mp4", media_bytes["mp4"], "video/mp4")),
     ]
     r = chat(
         server,
