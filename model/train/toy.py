@@ -101,10 +101,8 @@ def sentence(text: str) -> str:
 def random_scene(rng: random.Random) -> Scene:
     color = rng.choice(sorted(COLORS))
     rgb = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLORS[color])
-    if rng.random() < 0.5:  # light: each channel 200-255, within 20 of each other
-        low = rng.randint(200, 235)
-    else:  # dark: each channel 0-50
-        low = rng.randint(0, 30)
+    # light: each channel 200-255, within 20 of each other; dark: each channel 0-50
+    low = rng.randint(200, 235) if rng.random() < 0.5 else rng.randint(0, 30)
     background = tuple(low + rng.randint(0, 20) for _ in range(3))
     return Scene(color, rng.choice(SHAPES), rgb, background)  # type: ignore[arg-type]
 

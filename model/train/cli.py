@@ -1,0 +1,177 @@
+"""`xllm train`, `xllm data toy` and `xllm eval` (also `python -m xllm.train` for torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from xllm.model.train.config import PRECISIONS, STAGES, TRAIN_MODALITIES
+
+EVAL_TASKS = ("caption", "asr", "vqa", "direction")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="train the X2L interfaces (stage 1, 2 or 3)",
+        description="Train X-LLM's interfaces; the output directory is a loadable model dir.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
+    data = subparsers.add_parser("data", help="training data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    toy = data_commands.add_parser(
+        "toy", help="generate the toy world of shapes (images, speech, video, mixed)"
+    )
+    toy.add_argument("--out", required=True, type=Path, help="directory to write")
+    toy.add_argument("--n", required=True, type=int, help="training rows per manifest")
+    toy.add_argument("--n-val", type=int, default=None, help="validation rows (default n/4)")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
+    toy.set_defaults(func=run_toy)
+
+    evaluate = subparsers.add_parser("eval", help="evaluate a model on a manifest")
+    evaluate.add_argument("--model", required=True, type=Path, help="model directory")
+    evaluate.add_argument("--data", required=True, type=Path, help="JSONL manifest")
+    evaluate.add_argument("--task", required=True, choices=EVAL_TASKS)
+    evaluate.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON result file (default: MODEL/eval/<manifest>-<task>.json)",
+    )
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N rows")
+    evaluate.add_argument("--max-tokens", type=int, default=32)
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
+    evaluate.set_defaults(func=run_eval)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every flag defaults to None, so only the flags given override the YAML config."""
+    add = parser.add_argument
+    add("--stage", type=int, choices=STAGES, help="1: interface alone, 2: align, 3: instructions")
+    add("--modality", choices=TRAIN_MODALITIES, help="image | speech | video (stages 1-2), all (3)")
+    add("--model", type=Path, help="base model directory (e.g. from `xllm init-tiny`)")
+    add("--data", type=Path, help="manifest, or a folder of *_train.jsonl manifests")
+    add("--out", type=Path, help="output model directory (checkpoints go inside)")
+    add("--config", type=Path, help="YAML file with these options (flags override it)")
+    add("--max-steps", type=int, help="optimizer steps (the LR schedule spans them)")
+    add("--epochs", type=int, help="epochs when --max-steps is not given (default 1)")
+    add(
+        "--stop-at-step",
+        type=int,
+        help="end this invocation at step N (checkpointed; resume later)",
+    )
+    add("--time-limit", type=float, help="minutes; checkpoint and stop when they run out")
+    add("--batch-size", type=int, help="rows per micro-batch per process (default 8)")
+    add("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    add("--lr", type=float, help="peak learning rate (default 1e-4)")
+    add("--warmup", type=int, help="linear warmup steps before the cosine decay (default 0)")
+    add("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (1 = constant)")
+    add("--weight-decay", type=float)
+    add("--max-grad-norm", type=float, help="gradient clipping norm, 0 = off (default 1.0)")
+    add(
+        "--trainable",
+        action="append",
+        metavar="PREFIX",
+        help="parameter prefix that trains, e.g. image_interface.projection (repeatable)",
+    )
+    add("--eval-data", type=Path, help="validation manifest (or folder of *_val.jsonl)")
+    add("--eval-every", type=int, help="steps between validation runs (default: at the end)")
+    add("--save-every", type=int, help="steps between checkpoints (default: at the end)")
+    add("--log-every", type=int, help="steps between metrics lines (default 10)")
+    add("--num-workers", type=int, help="DataLoader processes decoding media (default 2)")
+    add("--resume", action="store_true", default=None, help="continue from OUT's last checkpoint")
+    add("--quantize", choices=("none", "nf4", "int8"), help="load the frozen LLM quantized")
+    add("--device", choices=("auto", "cpu", "cuda"))
+    add("--precision", choices=PRECISIONS, help="autocast on GPU (default auto: bf16 or fp16)")
+    add("--gradient-checkpointing", action="store_true", default=None)
+    add("--fsdp", action="store_true", default=None, help="shard the frozen LLM (multi-GPU)")
+    add("--seed", type=int)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from xllm.main import UserError
+    from xllm.model.train.config import ConfigError, build_config, load_yaml
+    from xllm.model.train.data import RowError
+    from xllm.model.train.loop import Trainer, TrainingError
+    from xllm.model.train.stages import StageError
+
+    setup_logging()
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    try:
+        file_values = load_yaml(args.config) if args.config else {}
+        config = build_config(file_values, flags)
+        trainer = Trainer(config)
+        try:
+            trainer.run()
+        finally:
+            close_distributed()
+    except (ConfigError, TrainingError, StageError, RowError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def close_distributed() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def setup_logging() -> None:
+    """INFO on rank 0, warnings only from the other ranks."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_toy(args: argparse.Namespace) -> int:
+    from xllm.main import UserError
+    from xllm.model.train.toy import ToolMissingError, generate_toy
+
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    try:
+        written = generate_toy(args.out, args.n, seed=args.seed, n_val=args.n_val, jobs=args.jobs)
+    except ToolMissingError as exc:
+        raise UserError(str(exc)) from None
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from xllm.main import UserError
+    from xllm.model.train.evaluate import EvalError, evaluate_manifest
+
+    setup_logging()
+    out = args.out or args.model / "eval" / f"{args.data.stem}-{args.task}.json"
+    try:
+        result = evaluate_manifest(
+            args.model,
+            args.data,
+            args.task,
+            limit=args.limit,
+            max_tokens=args.max_tokens,
+            device=args.device,
+            quantize=args.quantize,
+        )
+    except (EvalError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    text = json.dumps(result, indent=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    print(f"written to {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,20 @@
+"""Helpers for the training tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(model: Path, data: Path, out: Path, *args: str) -> list[dict]:
+    """Run `xllm train` in-process; returns metrics.jsonl's records."""
+    from xllm.main import main
+
+    argv = ["train", "--model", str(model), "--data", str(data), "--out", str(out)]
+    argv += ["--log-every", "1", "--num-workers", "0", "--device", "cpu", *args]
+    assert main(argv) == 0
+    return read_metrics(out)
