@@ -24,8 +24,12 @@ from xllm.server.deps import ClientDisconnected, Runtime
 from xllm.server.errors import ERROR_TYPES, ServingError, error_body
 from xllm.server.logs import setup_logging
 from xllm.server.metrics import Metrics
-from xllm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from xllm.server.routers import chat, health, openai
+from xllm.server.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
+from xllm.server.routers import chat, health, openai, web
 from xllm.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -59,9 +63,13 @@ def create_app(settings: Settings, model: XLLM | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    for router in (chat.router, openai.router, health.router):
+    for router in (chat.router, openai.router, health.router, web.router):
         app.include_router(router)
     _add_error_handlers(app)
+    # Middleware added first runs innermost: the key check sits inside CORS (preflights and 401s
+    # get CORS headers) and inside the body limit and request context (401s are logged).
+    if runtime.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=runtime.api_keys)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -96,6 +104,7 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
             prefill_chunk=s.prefill_chunk,
             default_max_tokens=s.default_max_tokens,
             encoder_cache_mb=s.encoder_cache_mb,
+            stall_timeout=s.stall_timeout or None,
         )
         engine = Engine(model, config, runtime.metrics)
         limits = ServingLimits(
@@ -201,9 +210,18 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     def watch_worker(self) -> None:
-        """A dead model worker cannot recover in-process: exit non-zero for the supervisor."""
+        """A dead or wedged model worker cannot recover in-process: exit 3 for the supervisor."""
         while not self.should_exit:
             engine = self.runtime.engine
+            if engine is not None and engine.wedged:
+                log.error(
+                    "model worker stalled; exiting so the supervisor restarts the server",
+                    extra={"stalled_s": round(engine.stalled_for, 1)},
+                )
+                engine.abandon("the model worker stopped responding; the server is restarting")
+                self.exit_code = 3
+                self.should_exit = True
+                return
             if engine is not None and engine.dead is not None:
                 log.error("model worker died; exiting so the supervisor restarts the server")
                 self.exit_code = 3
