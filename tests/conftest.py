@@ -6,15 +6,16 @@ with Pillow, audio with soundfile and videos with PyAV, all small enough for a 2
 
 from __future__ import annotations
 
-import io
-from fractions import Fraction
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
+
+from tests.media import make_mp4
+from tests.servers import ServerProcess
 
 
 class MediaMaker:
@@ -72,59 +73,8 @@ class MediaMaker:
         return path
 
     @staticmethod
-    def video_codec() -> str:
-        for codec in ("libx264", "h264", "mpeg4"):
-            if codec in av.codecs_available:
-                try:
-                    av.Codec(codec, "w")
-                except Exception:
-                    continue
-                return codec
-        pytest.skip("this PyAV build has no H.264 / MPEG-4 encoder")
-
-    @classmethod
-    def mp4_bytes(cls, *, frames: int = 10, fps: int = 10, size: int = 64, audio: bool = False):
-        """An MP4 of a square moving over a gradient; with `audio`, an AAC tone track."""
-        buf = io.BytesIO()
-        with av.open(buf, "w", format="mp4") as container:
-            stream = container.add_stream(cls.video_codec(), rate=fps)
-            stream.width = stream.height = size
-            stream.pix_fmt = "yuv420p"
-            astream = container.add_stream("aac", rate=44100, layout="mono") if audio else None
-            for i in range(frames):
-                img = np.zeros((size, size, 3), np.uint8)
-                img[..., 0] = np.linspace(0, 255, size, dtype=np.uint8)[None, :]
-                x = (i * 5) % (size - 16)
-                img[20:36, x : x + 16] = (255, 255, 0)
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-                frame.pts = i
-                frame.time_base = Fraction(1, fps)
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
-            if astream is not None:
-                cls._mux_tone(container, astream, frames / fps)
-        return buf.getvalue()
-
-    @staticmethod
-    def _mux_tone(container, stream, seconds: float) -> None:
-        rate = stream.rate
-        t = np.arange(round(seconds * rate)) / rate
-        tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None, :]
-        frame_size = stream.codec_context.frame_size or 1024
-        fmt = stream.codec_context.codec.audio_formats[0].name
-        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
-        for i in range(0, tone.shape[1], frame_size):
-            frame = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(tone[:, i : i + frame_size]), format="fltp", layout="mono"
-            )
-            frame.sample_rate = rate
-            frame.pts = i
-            frame.time_base = Fraction(1, rate)
-            for out in resampler.resample(frame):
-                container.mux(stream.encode(out))
-        for out in resampler.resample(None):
-            container.mux(stream.encode(out))
-        container.mux(stream.encode(None))
+    def mp4_bytes(*, frames: int = 10, fps: int = 10, size: int = 64, audio: bool = False):
+        return make_mp4(frames=frames, fps=fps, size=size, audio=audio)
 
 
 @pytest.fixture(scope="session")
@@ -156,3 +106,23 @@ def tiny_model(tiny_model_dir: Path):
     from xllm.model.checkpoint import load_model
 
     return load_model(tiny_model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory, tiny_model_dir) -> Iterator[Callable[..., ServerProcess]]:
+    """start_server(*flags, model_dir=..., ready=200) -> a running ServerProcess (stopped later)."""
+    started: list[ServerProcess] = []
+    log_dir = tmp_path_factory.mktemp("server-logs")
+
+    def start(
+        *flags: str, model_dir: Path | None = tiny_model_dir, ready: int | None = 200, env=None
+    ):
+        server = ServerProcess(model_dir, log_dir, *flags, env=env)
+        started.append(server)
+        if ready is not None:
+            server.wait_ready(expect=ready)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 CHROMIUM = Path(os.environ.get("XLLM_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
