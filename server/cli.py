@@ -27,6 +27,11 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "--request-timeout": (float, "seconds before a request ends with an error (default: none)"),
     "--allow-remote-media": (str, "comma-separated hosts whose http(s) media URLs may be fetched"),
     "--drain-timeout": (float, "seconds SIGTERM lets running requests finish (default 30)"),
+    "--stall-timeout": (
+        float,
+        "seconds one engine step may run before the worker counts as wedged: /ready 503 and "
+        "exit code 3 (default 300; 0: never; raise it for big models on CPU)",
+    ),
     "--media-workers": (int, "threads decoding media (default 2)"),
 }
 _CHOICES = {

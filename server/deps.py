@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
@@ -13,6 +12,7 @@ from starlette.exceptions import HTTPException
 
 from xllm.server.engine.worker import Engine
 from xllm.server.metrics import Metrics
+from xllm.server.middleware import bearer_key_valid
 from xllm.server.serving import ChatService
 from xllm.server.settings import Settings
 
@@ -53,6 +53,10 @@ def get_service(runtime: RuntimeDep) -> ChatService:
         raise HTTPException(503, "the server is shutting down", headers={"Retry-After": "5"})
     if runtime.load_error is not None:
         raise HTTPException(503, f"the model failed to load: {runtime.load_error}")
+    engine = runtime.engine
+    if engine is not None and engine.started and not engine.alive:
+        state = "not responding" if engine.wedged else "not running"
+        raise HTTPException(503, f"the model worker is {state}", headers={"Retry-After": "5"})
     if not runtime.ready or runtime.service is None:
         raise HTTPException(503, "the model is still loading", headers={"Retry-After": "5"})
     return runtime.service
@@ -65,14 +69,7 @@ def require_api_key(request: Request, runtime: RuntimeDep) -> None:
     """With API keys configured, 'Authorization: Bearer <key>' must match one (constant time)."""
     if not runtime.api_keys:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = token.strip().encode()
-    valid = scheme.lower() == "bearer" and given
-    # Compare against every key so the time taken does not tell which (or whether one) matched.
-    matched = False
-    for key in runtime.api_keys:
-        matched |= hmac.compare_digest(given, key.encode())
-    if not (valid and matched):
+    if not bearer_key_valid(request.headers.get("authorization", ""), runtime.api_keys):
         raise HTTPException(
             401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
         )

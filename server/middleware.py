@@ -1,7 +1,9 @@
-"""ASGI middleware: request ids + access log + request counts, and the streaming body limit."""
+"""ASGI middleware: request ids + access log + request counts, the streaming body limit, and the
+API key check made before any body is read."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -54,7 +56,51 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge(self.max_bytes)
             return message
 
-        await self.app(scope, limited, send)
+        async def closing(message: Message) -> None:
+            # Past the limit the rest of the body is unread: close the connection with the 413
+            # (a kept-alive one would make the server read and discard all of it).
+            if message["type"] == "http.response.start" and seen > self.max_bytes:
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, limited, closing)
+
+
+def bearer_key_valid(authorization: str, keys: list[str]) -> bool:
+    """'Bearer <key>' naming one of `keys`, compared in constant time against every key (so the
+    time taken does not tell which, or whether one, matched)."""
+    scheme, _, token = authorization.partition(" ")
+    try:
+        given = token.strip().encode("latin-1")  # headers arrive as bytes decoded as latin-1
+    except UnicodeEncodeError:
+        given = token.strip().encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    return scheme.lower() == "bearer" and bool(given) and matched
+
+
+def _needs_key(path: str) -> bool:
+    return path.rstrip("/") == "/chat" or path.startswith("/v1/")
+
+
+class ApiKeyMiddleware:
+    """401 for /chat and /v1/* without a valid key, at the headers: FastAPI reads (and parses) a
+    whole form before the routes' own auth dependency runs, so without this an unauthenticated
+    client could still make the server take in and spool uploads up to --max-upload-mb."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.keys and _needs_key(scope["path"]):
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not bearer_key_valid(authorization, self.keys):
+                body = error_body("missing or invalid API key", "authentication_error", 401)
+                await _send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestContextMiddleware:
@@ -102,7 +148,9 @@ class RequestContextMiddleware:
             )
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
@@ -112,6 +160,7 @@ async def _send_json(send: Send, status: int, body: dict) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
                 (b"connection", b"close"),
+                *(headers or []),
             ],
         }
     )

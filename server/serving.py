@@ -124,6 +124,14 @@ async def _next_event(
         )
 
 
+# Text is tokenized on the model worker's thread, so an oversized prompt would stall every running
+# stream while it is tokenized (a 40 MB prompt: ~2 minutes) only to be refused as too long. No
+# real prompt averages more than this many characters per token: beyond it, refuse at once.
+MAX_CHARS_PER_TOKEN = 32
+# Stop strings are matched against every new token of the request, on the worker's thread too.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1000
+
 SAMPLING_FIELDS = (
     "max_tokens",
     "min_tokens",
@@ -157,12 +165,7 @@ class ChatService:
     # --- /chat and /v1/chat/completions share this ---
     async def start(self, chat: ChatInput) -> Generation:
         params, max_tokens_given = self._params(chat.overrides)
-        if len(chat.media) > self.limits.max_media_per_request:
-            raise ServingError(
-                f"{len(chat.media)} media items in one request; the limit is "
-                f"{self.limits.max_media_per_request} (--max-media-per-request)",
-                413,
-            )
+        self._check_media_count(len(chat.media))
         for item in chat.media:
             if item.kind not in self.model.modalities:
                 raise ServingError(
@@ -170,6 +173,14 @@ class ChatService:
                     f"{', '.join(self.model.modalities) or 'text only'})",
                     400,
                 )
+        self._check_prompt_size(chat.turns)
+        for _, text in chat.turns:
+            try:
+                text.encode()
+            except UnicodeEncodeError:  # JSON "\ud800": the tokenizer would fail in the worker
+                raise ServingError(
+                    "message text is not valid Unicode (a lone surrogate)", 400
+                ) from None
         try:
             messages = bind_media(chat.turns, [m.kind for m in chat.media])
         except PromptError as exc:
@@ -181,8 +192,20 @@ class ChatService:
         except EngineUnavailable as exc:
             raise ServingError(str(exc), 503, retry_after=5) from None
         arrival = time.monotonic()
+        timeout = self.limits.request_timeout
+        deadline = arrival + timeout if timeout else None
         try:
-            prepared = await self._prepare_media(chat.media)
+            # The deadline covers media decoding too (a pathological file must not hold the
+            # request past --request-timeout; its decoding thread finishes on its own).
+            prepared = await asyncio.wait_for(self._prepare_media(chat.media), timeout)
+        except TimeoutError:
+            self.engine.release()
+            raise ServingError(
+                f"the request timed out after {timeout:g} s (--request-timeout) while its "
+                "media were being decoded",
+                504,
+                "timeout",
+            ) from None
         except BaseException:
             self.engine.release()
             raise
@@ -191,8 +214,6 @@ class ChatService:
             chat.request_id, messages, prepared, params, max_tokens_given, arrival
         )
         self.engine.submit(request, handle)
-        timeout = self.limits.request_timeout
-        deadline = arrival + timeout if timeout else None
         try:
             first = await _next_event(handle, deadline, timeout)
         except BaseException:  # the client left while waiting: the slot must not leak
@@ -202,10 +223,40 @@ class ChatService:
             raise ServingError(first.message, first.status, first.type)
         return Generation(handle, first, deadline, timeout)
 
+    def _check_prompt_size(self, turns: list[tuple[str, str]]) -> None:
+        context = self.engine.max_model_len
+        chars = sum(len(text) for _, text in turns)
+        if len(turns) > context or chars > MAX_CHARS_PER_TOKEN * context:
+            raise ServingError(
+                f"the prompt has {len(turns)} messages and {chars} characters: far more than "
+                f"the model's context of {context} tokens can hold (at most "
+                f"{MAX_CHARS_PER_TOKEN * context} characters are accepted)",
+                400,
+            )
+
+    def _check_media_count(self, count: int) -> None:
+        if count > self.limits.max_media_per_request:
+            raise ServingError(
+                f"{count} media items in one request; the limit is "
+                f"{self.limits.max_media_per_request} (--max-media-per-request)",
+                413,
+            )
+
     def _params(self, overrides: dict[str, Any]) -> tuple[SamplingParams, bool]:
         given = {k: v for k, v in overrides.items() if k in SAMPLING_FIELDS and v is not None}
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
+            stops = given["stop"]
+            if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stops):
+                raise ServingError(
+                    f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} "
+                    f"characters each (got {len(stops)}, the longest "
+                    f"{max(map(len, stops), default=0)} characters)",
+                    422,
+                )
+        seed = given.get("seed")
+        if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator takes
+            raise ServingError("seed must be between -2**63 and 2**64 - 1", 422)
         try:
             # max_tokens left open is settled by the engine once the prompt length is known.
             params = sampling_params(self.model.config.sampling, **given)
@@ -248,6 +299,15 @@ class ChatService:
         for name, used in unsupported.items():
             if used:
                 raise ServingError(f"'{name}' is not supported by this server", 400)
+        # Counted before any URL is fetched or data URI decoded.
+        self._check_media_count(
+            sum(
+                part.type != "text"
+                for message in request.messages
+                if isinstance(message.content, list)
+                for part in message.content
+            )
+        )
         turns: list[tuple[str, str]] = []
         media: list[MediaInput] = []
         for message in request.messages:

@@ -48,9 +48,14 @@ class Settings(BaseSettings):
     )
     allow_remote_media: Annotated[list[str], NoDecode] = Field(default_factory=list)
     drain_timeout: float = Field(30, ge=0, description="seconds SIGTERM waits for running requests")
+    stall_timeout: float = Field(
+        300,
+        ge=0,
+        description="seconds one engine step may take before the worker counts as "
+        "wedged: /ready 503, exit code 3 for the supervisor; 0: never",
+    )
     media_workers: int = Field(2, ge=1, description="threads decoding and preprocessing media")
     log_format: Literal["json", "text"] = "json"
-    log_prompts: bool = Field(False, description="include prompts in logs (off: privacy)")
 
     _split = field_validator("cors_origins", "allow_remote_media", mode="before")(_split_list)
 

@@ -8,7 +8,9 @@ Every iteration:
        never stalls the running streams for more than a chunk;
     4. run one decode step for every sequence that is generating, each with its own sampling
        parameters, and stream each new token to its request.
-A failure inside a step fails only the requests in that step; the others keep going.
+A failure inside a step fails only the requests in that step; the others keep going. The worker
+stamps a heartbeat at every iteration: a step that runs past `stall_timeout` marks the worker as
+wedged (not alive), so /ready says 503 and the server's watchdog exits for the supervisor.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     default_max_tokens: int = 512
     encoder_cache_mb: int = 256
+    stall_timeout: float | None = None  # seconds one iteration may take before "wedged"; None: off
 
 
 class EngineFull(Exception):
@@ -118,6 +121,8 @@ class Engine:
         self._abort_message: str | None = None
         self._thread: threading.Thread | None = None
         self.dead: BaseException | None = None
+        self._heartbeat = time.monotonic()  # start of the worker's latest iteration
+        self._live: set[RequestHandle] = set()  # submitted and not yet finished (see abandon)
         self.fault_injector: Callable[[str], None] | None = None  # tests: raise inside a step
 
     # --- caller side (any thread) ---
@@ -138,8 +143,30 @@ class Engine:
         return max(0, self._in_system - self.num_running)
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the worker has spent in its current iteration (0 when it is not running)."""
+        if self._thread is None or not self._thread.is_alive():
+            return 0.0
+        return time.monotonic() - self._heartbeat
+
+    @property
+    def wedged(self) -> bool:
+        """The worker thread lives but one iteration has run past `stall_timeout` (a hang)."""
+        limit = self.config.stall_timeout
+        return bool(limit) and self.stalled_for > limit
+
+    @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead is None
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and self.dead is None
+            and not self.wedged
+        )
 
     def reserve(self) -> None:
         """Claim a place before the (slow) media decoding; release() if the request never comes."""
@@ -148,7 +175,11 @@ class Engine:
                 raise EngineUnavailable("the server is shutting down")
             # Before start() requests may queue; once started, a dead worker takes none.
             if self.dead is not None or (self._thread is not None and not self.alive):
-                raise EngineUnavailable("the model worker is not running")
+                raise EngineUnavailable(
+                    "the model worker is not responding"
+                    if self.wedged
+                    else "the model worker is not running"
+                )
             if self._in_system >= self.capacity:
                 raise EngineFull(
                     f"{self._in_system} requests are queued or running; try again shortly"
@@ -161,10 +192,13 @@ class Engine:
 
     def submit(self, request: EngineRequest, handle: RequestHandle) -> None:
         """Hand a reserved request to the worker; its events arrive on `handle`."""
+        with self._lock:
+            self._live.add(handle)
         self._inbox.put(Job(request, handle))
         self._wake.set()
 
     def start(self) -> None:
+        self._heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
         self._thread.start()
 
@@ -186,6 +220,17 @@ class Engine:
         self._abort_message = message
         self._wake.set()
 
+    def abandon(self, message: str) -> None:
+        """Any thread, for a wedged worker: end every in-flight request with an error event.
+
+        The worker cannot be interrupted, so its requests are answered from outside; should it
+        come back, the events it still sends go to requests that have already ended.
+        """
+        with self._lock:
+            handles, self._live = list(self._live), set()
+        for handle in handles:
+            handle.push(ErrorEvent(message, 503, "unavailable"))
+
     def shutdown(self) -> None:
         self._stopping = True
         self._exit = True
@@ -197,6 +242,7 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._exit:
+                self._heartbeat = time.monotonic()
                 self._take_in()
                 self._drop_cancelled()
                 if self._abort_message is not None:
@@ -234,10 +280,21 @@ class Engine:
         self.scheduler.finish(entry)
         with self._lock:  # before the event: whoever sees the end also sees the place released
             self._in_system -= 1
+            self._live.discard(entry.item.handle)
         if event is not None:
             entry.item.handle.push(event)
 
     def _fail(self, entries: list[Scheduled[Job]], message: str, status: int = 500) -> None:
+        if entries:
+            log.log(
+                logging.ERROR if status >= 500 else logging.INFO,
+                "requests failed",
+                extra={
+                    "request_ids": [e.item.request.request_id for e in entries],
+                    "status": status,
+                    "error": message,
+                },
+            )
         for entry in entries:
             self._finish(
                 entry,
@@ -389,14 +446,8 @@ class Engine:
             logits = logits[keep]
             if not batch:
                 return
+        batch, tokens = self._sample_rows(batch, logits)
         jobs = [e.item for e in batch]
-        tokens = sample_next(
-            logits,
-            [j.state.params for j in jobs],
-            [j.state.tokens for j in jobs],
-            [j.generator for j in jobs],
-            sorted(self.eos),
-        )
         now = time.monotonic()
         for entry, job, token in zip(batch, jobs, tokens, strict=True):
             state = job.state
@@ -416,6 +467,54 @@ class Engine:
             self.observer.tokens(0, len(state.tokens))
             self.observer.request_done(now - job.request.arrival)
             self._finish(entry, FinishEvent(state.finish_reason, text, usage))
+
+    def _sample_rows(
+        self, batch: list[Scheduled[Job]], logits: torch.Tensor
+    ) -> tuple[list[Scheduled[Job]], list[int]]:
+        """sample_next over the batch; if it fails, row by row, failing only the rows that fail.
+
+        Finite logits can still give non-finite probabilities under a request's own parameters
+        (a temperature of 1e-300, a repetition_penalty of 1e-300): that is the request's fault,
+        and it must cost neither the worker nor the other rows their step. (Sampled rows of the
+        failing step then draw from generators the failed batch call may have advanced; greedy
+        rows are unaffected.)
+        """
+        eos = sorted(self.eos)
+
+        def sample(entries: list[Scheduled[Job]], rows: torch.Tensor) -> list[int]:
+            jobs = [e.item for e in entries]
+            states = [j.state for j in jobs]
+            return sample_next(
+                rows,
+                [s.params for s in states],  # type: ignore[union-attr]
+                [s.tokens for s in states],  # type: ignore[union-attr]
+                [j.generator for j in jobs],
+                eos,
+            )
+
+        try:
+            return batch, sample(batch, logits)
+        except Exception:
+            if len(batch) == 1:
+                self._fail(batch, self._sampling_error(batch[0]), 400)
+                return [], []
+        kept, tokens = [], []
+        for i, entry in enumerate(batch):
+            try:
+                tokens += sample([entry], logits[i : i + 1])
+                kept.append(entry)
+            except Exception:
+                self._fail([entry], self._sampling_error(entry), 400)
+        return kept, tokens
+
+    @staticmethod
+    def _sampling_error(entry: Scheduled[Job]) -> str:
+        p = entry.item.request.params
+        return (
+            "sampling failed: this request's parameters (temperature "
+            f"{p.temperature:g}, top_p {p.top_p:g}, top_k {p.top_k}, repetition_penalty "
+            f"{p.repetition_penalty:g}) give no valid probabilities"
+        )
 
     def _report(self) -> None:
         capacity = self.config.max_batch * self.max_model_len

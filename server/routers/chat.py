@@ -55,7 +55,7 @@ def _stop(values: list[str] | None) -> list[str] | None:
     if len(values) == 1 and values[0].lstrip().startswith("["):
         try:
             parsed = json.loads(values[0])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # "[[[[…" nested past the parser's depth
             return values
         if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
             raise ServingError("'stop' must be strings or a JSON list of strings", 422)

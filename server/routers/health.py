@@ -26,6 +26,8 @@ async def ready(runtime: RuntimeDep) -> JSONResponse:
         reason = "draining"
     elif runtime.load_error:
         reason = f"model failed to load: {runtime.load_error}"
+    elif runtime.engine is not None and runtime.engine.wedged:
+        reason = "model worker is not responding"
     elif runtime.engine is not None and not runtime.engine.alive:
         reason = "model worker is down"
     else:

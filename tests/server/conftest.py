@@ -17,4 +17,3 @@ def server(start_server) -> ServerProcess:
 @pytest.fixture(scope="session")
 def media_bytes() -> dict[str, bytes]:
     return {"png": make_png(), "wav": make_wav(), "mp4": make_mp4()}
-
