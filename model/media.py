@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 #: Sample rate (Hz) of every audio array this module returns.
 SAMPLE_RATE = 16_000
+#: Sample rates accepted from files (telephony 1 kHz up to studio 768 kHz).
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
 
 
 class MediaError(Exception):
@@ -597,7 +599,7 @@ class _AudioSink:
     def add_mono(self, samples: np.ndarray, rate: int) -> None:
         if samples.size == 0:
             return
-        if rate <= 0:
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
             raise MediaError(f"{self._what} has an invalid sample rate {rate}", 400)
         self._seconds += samples.size / rate
         if self._seconds > self._max_seconds + _DURATION_SLACK_S:
@@ -690,7 +692,9 @@ def _decode_audio(data: bytes, max_seconds: float) -> np.ndarray:
 def _decode_audio_soundfile(data: bytes, max_seconds: float) -> np.ndarray:
     with sf.SoundFile(io.BytesIO(data)) as f:
         rate, channels, frames = f.samplerate, f.channels, f.frames
-        if rate <= 0 or channels <= 0:
+        # A header may claim any rate; resampling from an absurd one costs seconds and hundreds
+        # of MB before anything useful comes out, so only real-world rates are decoded.
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE or channels <= 0:
             raise MediaError(f"audio header is invalid ({rate} Hz, {channels} channels)", 400)
         # libsndfile reports the maximum count for streams of unknown length.
         if 0 < frames < 2**62:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
+
 from xllm.model.media import (
     SAMPLE_RATE,
     DecodedVideo,
@@ -716,3 +717,16 @@ def test_media_error_pickles_with_status() -> None:
     err = pickle.loads(pickle.dumps(MediaError("too big", 413)))
     assert (err.message, err.status, str(err)) == ("too big", 413, "too big")
     assert MediaError("x").status == 400
+
+
+def test_absurd_sample_rate_in_header_is_refused_fast():
+    """A 1 s WAV whose header claims ~923 MHz must not be resampled (seconds, hundreds of MB)."""
+    from tests.media import make_wav
+
+    wav = bytearray(make_wav(1.0))
+    wav[24:28] = struct.pack("<I", 922_762_880)  # the fmt chunk's sample rate
+    start = time.monotonic()
+    with pytest.raises(MediaError) as info:
+        decode_audio(bytes(wav))
+    assert info.value.status == 400 and "Hz" in info.value.message
+    assert time.monotonic() - start < 1.0
