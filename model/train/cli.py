@@ -1,4 +1,5 @@
-"""`xllm train`, `xllm data toy` and `xllm eval` (also `python -m xllm.train` for torchrun)."""
+"""`xllm train` and `xllm data toy` (also `python -m xllm.train` for torchrun); registers
+`xllm eval`, which lives in xllm.model.evaluation."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import os
 from pathlib import Path
 
 from xllm.model.train.config import PRECISIONS, STAGES, TRAIN_MODALITIES
-
-EVAL_TASKS = ("caption", "asr", "vqa", "direction")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,21 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     toy.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
     toy.set_defaults(func=run_toy)
 
-    evaluate = subparsers.add_parser("eval", help="evaluate a model on a manifest")
-    evaluate.add_argument("--model", required=True, type=Path, help="model directory")
-    evaluate.add_argument("--data", required=True, type=Path, help="JSONL manifest")
-    evaluate.add_argument("--task", required=True, choices=EVAL_TASKS)
-    evaluate.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON result file (default: MODEL/eval/<manifest>-<task>.json)",
-    )
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N rows")
-    evaluate.add_argument("--max-tokens", type=int, default=32)
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    evaluate.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
-    evaluate.set_defaults(func=run_eval)
+    from xllm.model.evaluation.cli import register as register_eval
+
+    register_eval(subparsers)  # `xllm eval` (tasks, pack, import) lives in xllm.model.evaluation
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,33 +132,4 @@ def run_toy(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     for name, path in written.items():
         print(f"{name}: {path}")
-    return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
-    from xllm.main import UserError
-    from xllm.model.train.evaluate import EvalError, evaluate_manifest
-
-    setup_logging()
-    out = args.out or args.model / "eval" / f"{args.data.stem}-{args.task}.json"
-    try:
-        result = evaluate_manifest(
-            args.model,
-            args.data,
-            args.task,
-            limit=args.limit,
-            max_tokens=args.max_tokens,
-            device=args.device,
-            quantize=args.quantize,
-        )
-    except (EvalError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
-    text = json.dumps(result, indent=2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
-    print(f"written to {out}", file=sys.stderr)
     return 0

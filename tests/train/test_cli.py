@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.train.helpers import train
+from xllm.model.evaluation.metrics import keyword_hit, score
 from xllm.model.train.config import build_config, load_yaml
-from xllm.model.train.evaluate import keyword_hit, score
 
 
 def test_flags_override_yaml(tmp_path: Path) -> None:

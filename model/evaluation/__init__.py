@@ -1,0 +1,16 @@
+"""Evaluation: the paper's measurements, reproducible with one command (`xllm eval`).
+
+    text        normalisation for WER/CER (English numbers, Chinese full/half-width, CJK chars)
+    metrics     WER/CER (jiwer), keyword accuracy, LLaVA-Bench relative scores: pure arithmetic
+    judge       the LLaVA-Bench review protocol and a cached, retrying, rate-limited judge client
+    backends    who answers: a model directory in this process, or a server's OpenAI endpoint
+    tasks       asr, masr, vqa, caption, direction, relative-score: rows -> queries -> metrics
+    harness     running tasks, collecting predictions, assembling the report
+    report      JSON + Markdown reports, with published figures of other systems beside them
+    published   those figures, with their sources
+    pack        `xllm eval pack`: the offline toy-world benchmark pack
+    importers   `xllm eval import`: LibriSpeech, AISHELL, Kaldi, LLaVA-Bench -> manifests
+    cli         the `xllm eval` command
+
+See docs/EVALUATION.md.
+"""
