@@ -343,6 +343,7 @@ def distribution_ms(values: list[float]) -> dict[str, float | None]:
 def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
     """The figures of one run (server or baseline); latencies in milliseconds."""
     done = [r for r in results if r.ok]
+    first = min((r.start for r in results), default=0.0)
     errors: dict[str, int] = {}
     for r in results:
         if not r.ok:
@@ -372,7 +373,24 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "tpot_ms": distribution_ms([t for r in done if (t := r.tpot) is not None]),
         "e2e_ms": distribution_ms([r.e2e for r in done if r.e2e is not None]),
         "by_kind": by_kind,
-        "completion_tokens": [r.completion_tokens for r in results],
+        "per_request": [_record(r, first) for r in results],
+    }
+
+
+def _record(r: RequestResult, first: float) -> dict[str, Any]:
+    def ms(x: float | None) -> float | None:
+        return None if x is None else round(1000 * x, 3)
+
+    return {
+        "index": r.index,
+        "kind": r.kind,
+        "sent_ms": ms(r.start - first),
+        "ttft_ms": ms(r.ttft),
+        "e2e_ms": ms(r.e2e),
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "events": len(r.itl) + (1 if r.ttft is not None else 0),
+        "error": r.error,
     }
 
 
@@ -429,7 +447,9 @@ async def send_one(client, url: str, request: BenchRequest, max_tokens: int, hea
                     break
                 event = json.loads(payload)
                 if "error" in event:
-                    result.error = f"stream error: {event['error'].get('message', event)}"
+                    error = event["error"]
+                    message = error.get("message", error) if isinstance(error, dict) else error
+                    result.error = f"stream error: {message}"
                     return result
                 if last is None:
                     result.ttft = now - result.start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator
@@ -232,6 +233,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_format)
+    _set_torch_threads(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -244,3 +246,11 @@ def serve(settings: Settings) -> int:
     threading.Thread(target=server.watch_worker, daemon=True, name="xllm-watchdog").start()
     server.run()
     return server.exit_code
+
+
+def _set_torch_threads(settings: Settings) -> None:
+    """On the CPU, leave a core to the event loop and the media pool (process-wide setting)."""
+    import torch
+
+    if settings.device == "cpu" or not torch.cuda.is_available():
+        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))

@@ -33,6 +33,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
         "exit code 3 (default 300; 0: never; raise it for big models on CPU)",
     ),
     "--media-workers": (int, "threads decoding media (default 2)"),
+    "--torch-threads": (int, "model worker threads on the CPU (default: cores - 1)"),
 }
 _CHOICES = {
     "--quantize": ("none", "nf4", "int8"),

@@ -41,14 +41,14 @@ class Runtime:
         )
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_service(runtime: RuntimeDep) -> ChatService:
+async def get_service(runtime: RuntimeDep) -> ChatService:
     if runtime.draining:
         raise HTTPException(503, "the server is shutting down", headers={"Retry-After": "5"})
     if runtime.load_error is not None:
@@ -65,7 +65,7 @@ def get_service(runtime: RuntimeDep) -> ChatService:
 ServiceDep = Annotated[ChatService, Depends(get_service)]
 
 
-def require_api_key(request: Request, runtime: RuntimeDep) -> None:
+async def require_api_key(request: Request, runtime: RuntimeDep) -> None:
     """With API keys configured, 'Authorization: Bearer <key>' must match one (constant time)."""
     if not runtime.api_keys:
         return
@@ -75,7 +75,7 @@ def require_api_key(request: Request, runtime: RuntimeDep) -> None:
         )
 
 
-def request_id(request: Request) -> str:
+async def request_id(request: Request) -> str:
     return request.state.request_id
 
 

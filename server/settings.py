@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         "wedged: /ready 503, exit code 3 for the supervisor; 0: never",
     )
     media_workers: int = Field(2, ge=1, description="threads decoding and preprocessing media")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="intra-op threads of the model worker on the CPU; default: cores - 1 "
+        "(torch's one per core starves the event loop and the media pool)",
+    )
     log_format: Literal["json", "text"] = "json"
 
     _split = field_validator("cors_origins", "allow_remote_media", mode="before")(_split_list)

@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""The CPU targets, side by side in one run: 1 client against 16 concurrent clients.
+
+    python bench/cpu_targets.py                      # tiny random model made on the spot
+    python bench/cpu_targets.py --model DIR --rounds 3 --server-env OMP_NUM_THREADS=1
+
+Starts `xllm serve` (or uses --url), then runs `xllm bench` at concurrency 1 and 16, alternating,
+`--rounds` times (so both see the same machine load), and reports per concurrency the median
+over rounds of output tokens/s and TTFT p50, their ratios and the targets:
+
+    aggregate tokens/s at 16 clients >= 8x that at 1 client
+    TTFT p50 at 16 clients <= 3x that at 1 client
+
+Writes $OUT/cpu_targets.json (default ./bench-out) and every `xllm bench` report beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+TARGET_THROUGHPUT = 8.0
+TARGET_TTFT = 3.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def xllm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xllm", *args]
+
+
+def start_server(model: Path, env: dict[str, str], flags: list[str], log: Path):
+    port = free_port()
+    command = xllm("serve", "--model", str(model), "--port", str(port), *flags)
+    handle = log.open("w")
+    process = subprocess.Popen(
+        command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **env}
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return process, url, command
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise SystemExit(f"the server did not get ready; see {log}")
+
+
+def cpu_pressure() -> str | None:
+    """Linux PSI: the share of time some runnable task waited for a CPU (other jobs' load)."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def process_cpu_seconds(process) -> float | None:
+    """User + system CPU seconds of a server process so far (Linux /proc; None elsewhere)."""
+    if process is None:
+        return None
+    try:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def engine_only(model_dir: Path, requests: dict[int, int], max_tokens: int, rounds: int) -> dict:
+    """The same closed-loop clients, in process and without HTTP: the engine's share alone."""
+    import asyncio
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_suite
+
+    gpu_suite.ensure_importable()
+    from xllm.model.checkpoint import load_model
+
+    model = load_model(model_dir, device="cpu")
+    engine = gpu_suite.make_engine(model, 16, model.max_model_len, None)
+    engine.start()
+
+    async def run_warmup() -> None:
+        record: dict = {}
+        request = gpu_suite.text_request(10**6, max_tokens)
+        handle = gpu_suite.submit(engine, request, asyncio.get_running_loop())
+        await gpu_suite.consume(handle, record)
+
+    async def run(clients: int) -> dict:
+        loop = asyncio.get_running_loop()
+        todo = list(range(requests[clients]))
+        ttfts, tokens = [], 0
+
+        async def client() -> None:
+            nonlocal tokens
+            while todo:
+                i = todo.pop()
+                start = time.perf_counter()
+                record: dict = {}
+                handle = gpu_suite.submit(engine, gpu_suite.text_request(i, max_tokens), loop)
+                await gpu_suite.consume(handle, record)
+                if "error" in record:
+                    raise RuntimeError(record["error"])
+                ttfts.append(1000 * (record["first"] - start))
+                tokens += record["tokens"]
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return {
+            "output_tokens_per_s": round(tokens / (time.perf_counter() - start), 1),
+            "ttft_p50_ms": round(statistics.median(ttfts), 2),
+        }
+
+    async def all_rounds() -> dict:
+        await run_warmup()
+        out: dict = {1: [], 16: []}
+        for _ in range(rounds):
+            for clients in (1, 16):
+                result = await run(clients)
+                out[clients].append(result)
+                print(f"engine only, clients {clients:2d}: {result}", flush=True)
+        return out
+
+    runs = gpu_suite.run_with_engine(engine, all_rounds)
+    return {"torch_threads": torch.get_num_threads(), "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="default: a fresh tiny model")
+    parser.add_argument("--url", default=None, help="bench a running server instead")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--requests-1", type=int, default=24, help="requests at 1 client")
+    parser.add_argument("--requests-16", type=int, default=96, help="requests at 16 clients")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--mix", default="text=1")
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="K=V", help="server environment"
+    )
+    parser.add_argument(
+        "--server-flag", action="append", default=[], help="extra `xllm serve` flag (repeatable)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "./bench-out")))
+    parser.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="drive the engine in this process, no HTTP (needs --model)",
+    )
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = dict(item.split("=", 1) for item in args.server_env)
+    if args.engine_only:
+        if args.model is None:
+            raise SystemExit("--engine-only needs --model")
+        requests = {1: args.requests_1, 16: args.requests_16}
+        result = engine_only(args.model, requests, args.max_tokens, args.rounds)
+        one = statistics.median(r["output_tokens_per_s"] for r in result["runs"][1])
+        many = statistics.median(r["output_tokens_per_s"] for r in result["runs"][16])
+        ttft1 = statistics.median(r["ttft_p50_ms"] for r in result["runs"][1])
+        ttft16 = statistics.median(r["ttft_p50_ms"] for r in result["runs"][16])
+        result.update(
+            throughput_ratio=round(many / one, 2),
+            ttft_ratio=round(ttft16 / ttft1, 2),
+            loadavg=[round(x, 2) for x in os.getloadavg()],
+        )
+        (args.out / "cpu_targets_engine_only.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(
+            f"engine only ({result['torch_threads']} torch threads): 1 client {one:.1f} tok/s, "
+            f"TTFT p50 {ttft1:.1f} ms; 16 clients {many:.1f} tok/s, TTFT p50 {ttft16:.1f} ms; "
+            f"throughput x{result['throughput_ratio']}, TTFT x{result['ttft_ratio']}"
+        )
+        return 0
+
+    process = None
+    server_command = None
+    if args.url is None:
+        model = args.model
+        if model is None:
+            model = Path(tempfile.mkdtemp(prefix="xllm-tiny-"))
+            subprocess.run(xllm("init-tiny", "--out", str(model)), check=True, capture_output=True)
+        flags = [f for flag in args.server_flag for f in shlex.split(flag)]
+        process, url, server_command = start_server(
+            model, env, ["--log-format", "json", *flags], args.out / "cpu_targets_server.log"
+        )
+    else:
+        url = args.url.rstrip("/")
+    load_start = os.getloadavg()
+    runs: dict[int, list[dict]] = {1: [], 16: []}
+    commands = {}
+    try:
+        for round_ in range(args.rounds):
+            for clients in (1, 16):
+                report = args.out / f"cpu_targets_c{clients}_r{round_}.json"
+                requests = args.requests_1 if clients == 1 else args.requests_16
+                command = xllm(
+                    "bench",
+                    "--url",
+                    url,
+                    "--concurrency",
+                    str(clients),
+                    "--requests",
+                    str(requests),
+                    "--max-tokens",
+                    str(args.max_tokens),
+                    "--mix",
+                    args.mix,
+                    "--seed",
+                    str(round_),
+                    "--no-progress",
+                    "--json",
+                    str(report),
+                )
+                commands[clients] = " ".join(shlex.quote(c) for c in command[1:])
+                cpu_before = process_cpu_seconds(process)
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                cpu_after = process_cpu_seconds(process)
+                server = json.loads(report.read_text())["server"]
+                if cpu_before is not None and cpu_after is not None:
+                    # CPU the server got during the run, in cores (2 = both of a 2-CPU machine)
+                    server["server_cpu_cores"] = round(
+                        (cpu_after - cpu_before) / server["duration_s"], 2
+                    )
+                if server["errors"]:
+                    raise SystemExit(f"{server['errors']} errors: {server['error_messages']}")
+                runs[clients].append(server)
+                print(
+                    f"round {round_} clients {clients:2d}: {server['output_throughput']:8.1f} "
+                    f"tok/s, TTFT p50 {server['ttft_ms']['p50']:7.1f} ms, "
+                    f"TPOT p50 {server['tpot_ms']['p50']:6.2f} ms, server CPU "
+                    f"{server.get('server_cpu_cores', '-')} cores",
+                    flush=True,
+                )
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(30)
+
+    def median(clients: int, pick) -> float:
+        return statistics.median(pick(r) for r in runs[clients])
+
+    summary: dict = {"clients": {}}
+    for clients in (1, 16):
+        summary["clients"][clients] = {
+            "output_tokens_per_s": median(clients, lambda r: r["output_throughput"]),
+            "ttft_p50_ms": median(clients, lambda r: r["ttft_ms"]["p50"]),
+            "tpot_p50_ms": median(clients, lambda r: r["tpot_ms"]["p50"]),
+            "itl_p50_ms": median(clients, lambda r: r["itl_ms"]["p50"]),
+            "server_cpu_cores": median(clients, lambda r: r.get("server_cpu_cores") or 0),
+        }
+    one, many = summary["clients"][1], summary["clients"][16]
+    throughput_ratio = many["output_tokens_per_s"] / one["output_tokens_per_s"]
+    ttft_ratio = many["ttft_p50_ms"] / one["ttft_p50_ms"]
+    summary.update(
+        {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "server_command": " ".join(server_command[1:]) if server_command else url,
+            "server_env": env,
+            "bench_commands": commands,
+            "rounds": args.rounds,
+            "cpu_count": os.cpu_count(),
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "cpu_pressure": cpu_pressure(),
+            "throughput_ratio": round(throughput_ratio, 2),
+            "ttft_ratio": round(ttft_ratio, 2),
+            "throughput_target_met": throughput_ratio >= TARGET_THROUGHPUT,
+            "ttft_target_met": ttft_ratio <= TARGET_TTFT,
+            "runs": {c: runs[c] for c in runs},
+        }
+    )
+    (args.out / "cpu_targets.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"1 client : {one['output_tokens_per_s']:.1f} tok/s, TTFT p50 {one['ttft_p50_ms']:.1f} ms\n"
+        f"16 clients: {many['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
+        f"{many['ttft_p50_ms']:.1f} ms\n"
+        f"throughput x{throughput_ratio:.2f} (target >= {TARGET_THROUGHPUT:g}: "
+        f"{'met' if summary['throughput_target_met'] else 'MISSED'}), TTFT x{ttft_ratio:.2f} "
+        f"(target <= {TARGET_TTFT:g}: {'met' if summary['ttft_target_met'] else 'MISSED'})\n"
+        f"load average {summary['loadavg_start']} -> {summary['loadavg_end']} "
+        f"on {os.cpu_count()} CPUs; CPU pressure: {summary['cpu_pressure']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

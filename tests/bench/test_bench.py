@@ -1,0 +1,256 @@
+"""`xllm bench` against a real server on the tiny model, its baseline, and its building blocks.
+
+Timing is never asserted beyond "measured and positive": other heavy tests share this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xllm.clients import bench
+
+DISTRIBUTION = {"mean", "p50", "p95", "p99"}
+REPORT_FIELDS = {
+    "requests",
+    "completed",
+    "errors",
+    "error_messages",
+    "duration_s",
+    "total_prompt_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "output_throughput",
+    "ttft_ms",
+    "itl_ms",
+    "tpot_ms",
+    "e2e_ms",
+    "by_kind",
+    "per_request",
+}
+
+
+class Done:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def run_bench(capsys: pytest.CaptureFixture[str]):
+    """`xllm bench ARGS` in this process (the interpreter has torch loaded already)."""
+    from xllm.main import main
+
+    def run(*args: str) -> Done:
+        capsys.readouterr()
+        code = main(["bench", "--no-progress", *args])
+        out, err = capsys.readouterr()
+        return Done(code, out, err)
+
+    return run
+
+
+def check_run(section: dict, requests: int, max_tokens: int) -> None:
+    assert set(section) >= REPORT_FIELDS, REPORT_FIELDS - set(section)
+    assert section["errors"] == 0, section["error_messages"]
+    assert section["requests"] == section["completed"] == requests
+    assert section["total_output_tokens"] == requests * max_tokens
+    for record in section["per_request"]:
+        assert record["completion_tokens"] == max_tokens  # ignore_eos: exactly max_tokens
+        assert record["error"] is None
+        assert record["prompt_tokens"] > 0
+        assert 0 < record["ttft_ms"] <= record["e2e_ms"]
+        assert 1 <= record["events"] <= max_tokens
+    for name in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+        assert set(section[name]) == DISTRIBUTION
+        assert all(value is not None and value >= 0 for value in section[name].values()), name
+        assert section[name]["p50"] <= section[name]["p95"] <= section[name]["p99"]
+    assert section["output_throughput"] > 0 and section["request_throughput"] > 0
+    assert section["duration_s"] > 0
+
+
+def test_bench_streams_every_kind_and_reports(bench_server: str, tmp_path: Path, run_bench) -> None:
+    out = tmp_path / "report.json"
+    done = run_bench(
+        "--url",
+        bench_server,
+        "--concurrency",
+        "3",
+        "--requests",
+        "8",
+        "--max-tokens",
+        "5",
+        "--mix",
+        "image=1,audio=1,video=1,text=1",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_run(report["server"], 8, 5)
+    assert report["config"]["concurrency"] == 3
+    assert report["config"]["kinds"] == {"image": 2, "audio": 2, "video": 2, "text": 2}
+    assert set(report["server"]["by_kind"]) == {"image", "audio", "video", "text"}
+    assert report["baseline"] is None and report["ratios"] is None
+    for line in ("== server ==", "ttft", "itl", "tpot", "e2e", "output tokens/s"):
+        assert line in done.stdout
+
+
+def test_bench_poisson_arrivals_with_media_dir(
+    bench_server: str, tmp_path: Path, run_bench
+) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "a.png").write_bytes(bench.make_png(1))
+    (media / "b.wav").write_bytes(bench.make_wav(2, seconds=0.5))
+    out = tmp_path / "report.json"
+    done = run_bench(
+        "--url",
+        bench_server,
+        "--request-rate",
+        "20",
+        "--requests",
+        "6",
+        "--max-tokens",
+        "3",
+        "--mix",
+        "image=1,audio=1",
+        "--media-dir",
+        str(media),
+        "--warmup",
+        "0",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_run(report["server"], 6, 3)
+    assert report["config"]["request_rate"] == 20 and report["config"]["concurrency"] is None
+    sent = [r["sent_ms"] for r in report["server"]["per_request"]]
+    assert sent == sorted(sent) and sent[-1] > 0  # arrivals spread out, in order
+
+
+def test_bench_counts_errors(bench_server: str, tmp_path: Path, run_bench) -> None:
+    out = tmp_path / "report.json"
+    done = run_bench(
+        "--url",
+        bench_server,
+        "--requests",
+        "2",
+        "--warmup",
+        "0",
+        "--max-tokens",
+        "100000",  # more than the context: every request is refused with a 400
+        "--mix",
+        "text=1",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    server = json.loads(out.read_text())["server"]
+    assert server["errors"] == 2 and server["completed"] == 0
+    assert sum(server["error_messages"].values()) == 2
+    assert all(message.startswith("HTTP 400") for message in server["error_messages"])
+
+
+def test_bench_baseline_same_requests(
+    bench_server: str, tiny_model_dir: Path, tmp_path: Path, run_bench
+) -> None:
+    out = tmp_path / "report.json"
+    done = run_bench(
+        "--url",
+        bench_server,
+        "--concurrency",
+        "2",
+        "--requests",
+        "3",
+        "--max-tokens",
+        "4",
+        "--mix",
+        "image=1,audio=1,text=1",
+        "--baseline",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_run(report["server"], 3, 4)
+    check_run(report["baseline"], 3, 4)
+    # The same requests: same kinds in the same order, and the same prompts (same lengths).
+    server_rows, base_rows = report["server"]["per_request"], report["baseline"]["per_request"]
+    assert [r["kind"] for r in server_rows] == [r["kind"] for r in base_rows]
+    assert [r["prompt_tokens"] for r in server_rows] == [r["prompt_tokens"] for r in base_rows]
+    assert report["baseline_config"]["requests"] == 3
+    ratios = report["ratios"]
+    assert set(ratios) == {"output_throughput", "request_throughput", "ttft_p50"}
+    assert all(value is not None and value > 0 for value in ratios.values())
+    assert "server / baseline" in done.stdout
+
+
+def test_bench_refuses_bad_arguments() -> None:
+    """Through the installed entry point: argument errors answer at once, exit code 2."""
+    for args, message in (
+        (["--mix", "smell=1"], "unknown kind 'smell'"),
+        (["--requests", "0"], "--requests"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "xllm", "bench", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and message in done.stderr
+
+
+# --- building blocks, in process ---
+def test_parse_mix_and_counts() -> None:
+    assert bench.parse_mix("image=3,text=1") == {"image": 0.75, "text": 0.25}
+    assert bench.parse_mix("audio") == {"audio": 1.0}
+    for bad in ("image=-1", "image=x", "", "text=0"):
+        with pytest.raises(ValueError):
+            bench.parse_mix(bad)
+    counts = bench.kind_counts(bench.parse_mix("image=1,audio=1,video=1"), 10)
+    assert sum(counts.values()) == 10 and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_requests_are_seeded_and_distinct() -> None:
+    mix = bench.parse_mix(bench.DEFAULT_MIX)
+    first, again = bench.build_requests(8, mix, seed=3), bench.build_requests(8, mix, seed=3)
+    assert [(r.kind, r.prompt) for r in first] == [(r.kind, r.prompt) for r in again]
+    assert [m.data for r in first for m in r.media] == [m.data for r in again for m in r.media]
+    media = [m.data for r in first for m in r.media]
+    assert len(set(media)) == len(media) == 6  # one distinct item per media request
+
+
+def test_percentiles_match_numpy() -> None:
+    import numpy as np
+
+    values = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4, 0.15]
+    for q in (50, 95, 99):
+        assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_load_generator_survives_an_unreachable_server() -> None:
+    requests = bench.build_requests(2, {"text": 1.0}, seed=0)
+    results, _ = asyncio.run(
+        bench.run_load(
+            requests,
+            url="http://127.0.0.1:9",
+            max_tokens=2,
+            concurrency=2,
+            request_rate=None,
+            seed=0,
+            timeout=5,
+            progress=False,
+        )
+    )
+    assert [r.ok for r in results] == [False, False]
+    assert all("ConnectError" in (r.error or "") for r in results)
