@@ -132,7 +132,12 @@ def build_model(tiny: bool, device, dtype, ctx: int):
     )
     from xllm.model.encoders.speech import SpeechEncoder, tiny_whisper_config
     from xllm.model.encoders.vision import VisionEncoder, tiny_vision_config
-    from xllm.model.tiny import tiny_glm, train_tokenizer
+    from xllm.model.tiny import (
+        tiny_glm,
+        tiny_image_interface,
+        tiny_speech_interface,
+        train_tokenizer,
+    )
     from xllm.model.xllm import XLLM
 
     # The tiny BPE tokenizer (GLM-4's special tokens and chat template): its ids lie inside any
@@ -142,21 +147,8 @@ def build_model(tiny: bool, device, dtype, ctx: int):
         glm_config = tiny_glm(tokenizer, max_len=ctx).config
         vision_config = tiny_vision_config()
         whisper_config = tiny_whisper_config()
-        image_interface = QFormerInterfaceConfig(
-            num_query_tokens=8,
-            qformer={
-                "hidden_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "intermediate_size": 64,
-                "cross_attention_frequency": 1,
-                "vocab_size": 64,
-            },
-            max_frames=8,
-        )
-        speech_interface = SpeechInterfaceConfig(
-            hidden_size=32, num_layers=1, num_heads=2, mlp_hidden_size=64
-        )
+        image_interface = tiny_image_interface()
+        speech_interface = tiny_speech_interface()
     else:  # glm-4-9b-chat-hf, BLIP-2 (ViT-g/14 + BERT-base Q-Former), whisper-large-v3's encoder
         glm_config = GlmConfig(
             vocab_size=151552,
@@ -332,7 +324,8 @@ def hf_decode(model, batch: int, sizes: Sizes, clock: Clock) -> dict[str, Any]:
 
 
 class StepRecorder:
-    """EngineObserver that keeps (time, running) at every worker iteration, and first tokens."""
+    """An EngineObserver (duck-typed: this script imports xllm late, see ensure_importable) that
+    keeps (time, running) at every worker iteration; the other hooks do nothing."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[float, int]] = []

@@ -107,6 +107,28 @@ def tiny_glm(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> GlmForC
     return model
 
 
+def tiny_image_interface() -> QFormerInterfaceConfig:
+    """A 2-layer, 32-wide Q-Former with 8 queries per image or video frame."""
+    return QFormerInterfaceConfig(
+        num_query_tokens=8,
+        qformer={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "cross_attention_frequency": 1,
+            "vocab_size": 64,
+        },
+        max_frames=8,
+    )
+
+
+def tiny_speech_interface(kind: str = "cformer") -> SpeechInterfaceConfig:
+    return SpeechInterfaceConfig(
+        type=kind, hidden_size=32, num_layers=1, num_heads=2, mlp_hidden_size=64
+    )
+
+
 def init_tiny(out: str | Path, seed: int = 0, speech_interface: str = "cformer") -> Path:
     """Write a tiny random model directory to `out` and return its path."""
     out = Path(out)
@@ -133,21 +155,8 @@ def init_tiny(out: str | Path, seed: int = 0, speech_interface: str = "cformer")
         llm=ComponentPath("llm"),
         vision=ComponentPath("vision"),
         speech=ComponentPath("speech"),
-        image_interface=QFormerInterfaceConfig(
-            num_query_tokens=8,
-            qformer={
-                "hidden_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "intermediate_size": 64,
-                "cross_attention_frequency": 1,
-                "vocab_size": 64,
-            },
-            max_frames=8,
-        ),
-        speech_interface=SpeechInterfaceConfig(
-            type=speech_interface, hidden_size=32, num_layers=1, num_heads=2, mlp_hidden_size=64
-        ),
+        image_interface=tiny_image_interface(),
+        speech_interface=tiny_speech_interface(speech_interface),
         tags=Tags(),
         name="xllm-tiny",
     )
