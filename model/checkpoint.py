@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Blip2Config
 
 from xllm.model.config import (
+    CONFIG_NAME,
     INTERFACES_NAME,
     ComponentPath,
     ModelConfigError,
@@ -151,21 +152,11 @@ def save_interfaces(model: XLLM, out_dir: str | Path, base_dir: str | Path | Non
 
 
 def default_model_dir() -> Path:
-    """The model used when none is named: the packaged demo model, else a tiny random one.
-
-    The tiny model is made once under $XLLM_CACHE (default ~/.cache/xllm) and says what it is in
-    the log: it is random, for trying the plumbing, not for answers.
-    """
-    import os
-
+    """The model used when none is named: the demo model packaged with xllm (model/demo)."""
     demo = Path(__file__).parent / "demo"
-    if (demo / "xllm.json").is_file():
-        return demo
-    cache = Path(os.environ.get("XLLM_CACHE", Path.home() / ".cache" / "xllm")) / "tiny-random"
-    if not (cache / "xllm.json").is_file():
-        from xllm.model.tiny import init_tiny
-
-        log.warning("no demo model is packaged; creating a tiny random-weight model in %s", cache)
-        init_tiny(cache)
-    log.warning("serving the tiny RANDOM-weight model from %s (its answers are noise)", cache)
-    return cache
+    if not (demo / CONFIG_NAME).is_file():
+        raise ModelConfigError(
+            f"the packaged demo model is missing ({demo}); pass --model DIR "
+            "(or rebuild it: python -m xllm.model.recipes.toy_world --out DIR --install)"
+        )
+    return demo

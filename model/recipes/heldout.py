@@ -1,0 +1,243 @@
+"""Held-out evaluation of a model through the HTTP server (`POST /chat`, greedy decoding).
+
+    python -m xllm.model.recipes.heldout --model DIR --data HELDOUT [--voices VOICES] [--n N]
+
+HELDOUT is a folder written by `xllm data toy --seed 999` (any seed the training data did not
+use); VOICES a folder with `speech_heldout.jsonl` (utterances in voice variants and speeds that
+training never used, from the recipe's data phase). A server is started on a free port unless
+--url is given. Figures:
+
+    image      "What is in the image?" (and the other caption questions): the answer names the
+               right colour and shape and no other colour or shape
+    vqa        "What color is the shape?" / "What shape is it?": the answer names it, nothing else
+    video      "Which way does the <shape> move?" / "Where is the shape going?": the direction
+    asr        "Transcribe the audio.": word error rate (held-out voices; all voices of the set)
+    spoken     a spoken question plus an image ("Answer the spoken question about the image.")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from xllm.model.train.toy import COLORS, DIRECTIONS, SHAPES
+
+WORDS = {"color": set(COLORS), "shape": set(SHAPES), "direction": set(DIRECTIONS)}
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
+
+
+def names_exactly(answer: str, want: dict[str, str]) -> bool:
+    """The answer names each wanted value and no other value of the same kind."""
+    found = set(words(answer))
+    return all(found & WORDS[kind] == {value} for kind, value in want.items())
+
+
+def wer_counts(reference: str, hypothesis: str) -> tuple[int, int]:
+    from xllm.model.recipes.pretrain import edit_distance
+
+    ref, hyp = words(reference), words(hypothesis)
+    return edit_distance(ref, hyp), len(ref)
+
+
+def scene_of(text: str) -> dict[str, str]:
+    found = {}
+    for kind, values in WORDS.items():
+        hit = [w for w in words(text) if w in values]
+        if hit:
+            found[kind] = hit[0]
+    return found
+
+
+class Client:
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=120)
+
+    def chat(self, prompt: str, files: list[tuple[str, Path]], max_tokens: int = 24) -> str:
+        handles = [(kind, (p.name, p.read_bytes())) for kind, p in files]
+        data = {"prompt": prompt, "temperature": "0", "max_tokens": str(max_tokens)}
+        reply = self.http.post("/chat", data=data, files=handles)
+        reply.raise_for_status()
+        return reply.json()["text"]
+
+
+class LocalClient:
+    """The same questions asked in-process (greedy), for tests without a server."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from xllm.model.checkpoint import load_model
+
+        self.model = load_model(model_dir, device="cpu")
+
+    def chat(self, prompt: str, files: list[tuple[str, Path]], max_tokens: int = 24) -> str:
+        import torch
+
+        from xllm.model.generate import SamplingParams, generate
+        from xllm.model.media import load_media_file
+        from xllm.model.prompt import bind_media
+
+        model = self.model
+        interface = model.config.image_interface
+        video = {"fps": interface.video_fps, "max_frames": interface.max_frames}
+        prepared = [
+            model.prepare(kind, load_media_file(path, kind, **(video if kind == "video" else {})))
+            for kind, path in files
+        ]
+        with torch.inference_mode():
+            encoded = model.encode(prepared)
+            layout = model.layout(bind_media([("user", prompt)], [k for k, _ in files]), encoded)
+            embeds = model.embed(layout, encoded)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        return "".join(d.text for d in generate(model.llm, model.tokenizer, embeds, params))
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def evaluate(client: Client, data: Path, voices: Path | None, n: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    examples: dict[str, list] = {}
+
+    def note(task: str, ok: bool, prompt: str, answer: str) -> None:
+        results.setdefault(task, []).append(ok)
+        if len(examples.setdefault(task, [])) < 4:
+            examples[task].append({"prompt": prompt, "answer": answer, "ok": ok})
+
+    captions = ("What is in the image?", "Describe the image.", "What do you see?")
+    for i, row in enumerate(rows(data / "image_train.jsonl")[:n]):
+        image = data / row["image"]
+        truth = row.get("text") or row["conversations"][-1]["content"]
+        if "text" not in row:  # a question row: the scene is in the image's other rows' words
+            continue
+        scene = scene_of(truth)
+        prompt = captions[i % 3]
+        answer = client.chat(prompt, [("image", image)])
+        note("image_color_shape", names_exactly(answer, scene), prompt, answer)
+        if i % 2 == 0:
+            prompt = "What color is the shape?"
+            answer = client.chat(prompt, [("image", image)])
+            note("image_color", names_exactly(answer, {"color": scene["color"]}), prompt, answer)
+        else:
+            prompt = "What shape is it?"
+            answer = client.chat(prompt, [("image", image)])
+            note("image_shape", names_exactly(answer, {"shape": scene["shape"]}), prompt, answer)
+    for i, row in enumerate(rows(data / "video_train.jsonl")[:n]):
+        video = data / row["video"]
+        if "text" in row:
+            scene = scene_of(row["text"])
+        else:
+            scene = scene_of(
+                row["conversations"][0]["content"] + row["conversations"][1]["content"]
+            )
+        shape = scene.get("shape", "shape")
+        prompt = (f"Which way does the {shape} move?", "Where is the shape going?")[i % 2]
+        answer = client.chat(prompt, [("video", video)])
+        want = {"direction": scene["direction"]}
+        note("video_direction", names_exactly(answer, want), prompt, answer)
+    asr_sets = [("asr_toy_voices", data / "speech_train.jsonl")]
+    if voices is not None:
+        asr_sets.insert(0, ("asr_heldout_voices", voices / "speech_heldout.jsonl"))
+    for task, manifest in asr_sets:
+        errors = total = 0
+        for row in rows(manifest)[:n]:
+            answer = client.chat(
+                "Transcribe the audio.", [("audio", manifest.parent / row["audio"])]
+            )
+            e, t = wer_counts(row["text"], answer)
+            errors, total = errors + e, total + t
+            note(task + "_exact", e == 0, row["text"], answer)
+        results[task + "_wer"] = errors / max(1, total)
+    for row in rows(data / "mixed_train.jsonl"):
+        if "image" not in row or "audio" not in row:
+            continue
+        if len(results.get("spoken_question", [])) >= n:
+            break
+        answer_ref = row["conversations"][-1]["content"]
+        scene = scene_of(answer_ref)
+        prompt = "Answer the spoken question about the image."
+        files = [("image", data / row["image"]), ("audio", data / row["audio"])]
+        answer = client.chat(prompt, files)
+        note("spoken_question", names_exactly(answer, scene), prompt, answer)
+    summary = {
+        k: (sum(v) / len(v) if isinstance(v, list) else v) for k, v in sorted(results.items())
+    }
+    summary["counts"] = {k: len(v) for k, v in results.items() if isinstance(v, list)}
+    summary["examples"] = examples
+    return summary
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path | None, log_file: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "xllm", "serve", "--port", str(port)]
+    if model is not None:
+        command += ["--model", str(model)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    sink = log_file.open("a")
+    process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if process.poll() is not None:
+            raise RuntimeError(f"xllm serve exited; see {log_file}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.terminate()
+    raise RuntimeError("xllm serve did not become ready")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xllm.model.recipes.heldout")
+    parser.add_argument("--model", type=Path, default=None, help="default: the packaged model")
+    parser.add_argument("--url", default=None, help="a running server instead of starting one")
+    parser.add_argument("--data", type=Path, required=True, help="`xllm data toy --seed 999` dir")
+    parser.add_argument("--voices", type=Path, default=None, help="held-out voices folder")
+    parser.add_argument("--n", type=int, default=100, help="items per task")
+    parser.add_argument("--out", type=Path, default=None, help="JSON result file")
+    args = parser.parse_args(argv)
+    process = None
+    url = args.url
+    if url is None:
+        log_file = Path(args.out or "heldout").with_suffix(".server.log")
+        process, url = start_server(args.model, log_file)
+    try:
+        start = time.time()
+        summary = evaluate(Client(url), args.data, args.voices, args.n)
+        summary["seconds"] = round(time.time() - start, 1)
+        summary["model"] = str(args.model or "packaged demo")
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(30)
+    text = json.dumps(summary, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
