@@ -14,6 +14,7 @@ finished phase is skipped when the command is run again, so an interrupted build
                 DIR/heldout-voices: speech in held-out variants and speeds
                 (these four run in parallel, one process and one torch thread each)
     llm-tune, vision-tune, speech-tune   continuations on fresh data (in parallel)
+    vision-tune2  a second vision continuation (another pool, another schedule)
     base        DIR/base: xllm.json + llm/ + vision/ + speech/ + fresh interfaces
     chain-vision  `xllm train` stage 1 image -> stage 2 image -> stage 2 video
     chain-speech  `xllm train` stage 1 speech -> stage 2 speech   (the chains run in parallel;
