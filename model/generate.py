@@ -262,6 +262,10 @@ class SequenceState:
             self.finish_reason = "stop"
             return self._flush()
         pending = self._held + self.detokenizer.push(token)
+        if not self.text:
+            # GLM's template ends the prompt with `<|assistant|>` and the model answers "\n...":
+            # that newline belongs to the template, not the answer (nor to a "\n" stop string).
+            pending = pending.lstrip("\n")
         stops = self.params.stop
         for stop in stops:
             # A stop string may straddle the emitted text and the new text.

@@ -158,8 +158,33 @@ def test_text_is_the_detokenized_tokens(tiny_model, prompts) -> None:
     deltas = ours(tiny_model, prompts[0], max_tokens=30, min_tokens=30)
     text = "".join(d.text for d in deltas)
     tokens = [d.token for d in deltas]
-    assert text == tiny_model.tokenizer.decode(tokens, skip_special_tokens=True)
+    # The answer's leading newlines (GLM's template puts one after <|assistant|>) are dropped.
+    assert text == tiny_model.tokenizer.decode(tokens, skip_special_tokens=True).lstrip("\n")
     assert text.strip()
+
+
+def test_leading_newline_of_the_answer_is_dropped(tiny_model) -> None:
+    from xllm.model.generate import IncrementalDetokenizer, SamplingParams, SequenceState
+
+    newline = tiny_model.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    word = tiny_model.tokenizer("Red.", add_special_tokens=False)["input_ids"]
+    state = SequenceState(
+        SamplingParams(max_tokens=10), frozenset(), IncrementalDetokenizer(tiny_model.tokenizer)
+    )
+    emitted = "".join(state.append(t) for t in newline + word + newline + word)
+    assert emitted == state.text == "Red.\nRed."
+    # ... and does not trigger a "\n" stop string.
+    stop = SequenceState(
+        SamplingParams(max_tokens=10, stop=("\n",)),
+        frozenset(),
+        IncrementalDetokenizer(tiny_model.tokenizer),
+    )
+    emitted = ""
+    for token in newline + word + newline + word:
+        emitted += stop.append(token)
+        if stop.finish_reason:
+            break
+    assert emitted == "Red." and stop.finish_reason == "stop"
 
 
 def test_stop_strings_cut_the_text(tiny_model, prompts) -> None:
