@@ -83,16 +83,26 @@ def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_glm(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> GlmForCausalLM:
+def glm_for_tokenizer(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    max_len: int = 2048,
+) -> GlmForCausalLM:
+    """A random `GlmForCausalLM` in GLM-4's layout, sized freely, for a tokenizer from here."""
     ids = tokenizer.convert_tokens_to_ids
     config = GlmConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
         partial_rotary_factor=0.5,
         attention_bias=True,
         max_position_embeddings=max_len,
@@ -105,6 +115,12 @@ def tiny_glm(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> GlmForC
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     return model
+
+
+def tiny_glm(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> GlmForCausalLM:
+    return glm_for_tokenizer(
+        tokenizer, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, max_len=max_len
+    )
 
 
 def tiny_image_interface() -> QFormerInterfaceConfig:

@@ -94,16 +94,19 @@ class SpeechEncoder(nn.Module):
         return out
 
 
-def tiny_whisper_config(window_seconds: int = 5) -> WhisperConfig:
-    # 50 encoder frames per second of audio.
+def whisper_encoder_config(
+    d_model: int, layers: int, heads: int, window_seconds: int, ffn_dim: int | None = None
+) -> WhisperConfig:
+    """A Whisper config for the encoder alone, with windows of `window_seconds` (50 frames/s)."""
+    ffn_dim = ffn_dim or 4 * d_model
     return WhisperConfig(
-        d_model=32,
-        encoder_layers=2,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=64,
+        d_model=d_model,
+        encoder_layers=layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=ffn_dim,
         decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_ffn_dim=64,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=ffn_dim,
         num_mel_bins=80,
         max_source_positions=50 * window_seconds,
         # The decoder is never used; its token ids only have to lie inside its vocabulary.
@@ -113,3 +116,7 @@ def tiny_whisper_config(window_seconds: int = 5) -> WhisperConfig:
         eos_token_id=0,
         decoder_start_token_id=1,
     )
+
+
+def tiny_whisper_config(window_seconds: int = 5) -> WhisperConfig:
+    return whisper_encoder_config(32, 2, 2, window_seconds, ffn_dim=64)

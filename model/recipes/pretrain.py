@@ -78,28 +78,17 @@ class LMSize:
 
 
 def build_glm(tokenizer, size: LMSize):
-    from transformers import GlmConfig, GlmForCausalLM
+    from xllm.model.tiny import glm_for_tokenizer
 
-    ids = tokenizer.convert_tokens_to_ids
-    config = GlmConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        head_dim=size.hidden // size.heads,
-        partial_rotary_factor=0.5,
-        attention_bias=True,
-        max_position_embeddings=size.max_len,
-        pad_token_id=ids("<|endoftext|>"),
-        eos_token_id=[ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")],
-        tie_word_embeddings=False,
+    return glm_for_tokenizer(
+        tokenizer,
+        hidden=size.hidden,
+        intermediate=size.intermediate,
+        layers=size.layers,
+        heads=size.heads,
+        kv_heads=size.kv_heads,
+        max_len=size.max_len,
     )
-    model = GlmForCausalLM(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    return model
 
 
 def lm_batch(
@@ -485,27 +474,6 @@ def speech_clip(args: tuple[int, int]) -> tuple[np.ndarray, str]:
     return (samples * gain).astype(np.float32), text
 
 
-def whisper_config(d_model: int, layers: int, heads: int, window_seconds: int):
-    from transformers import WhisperConfig
-
-    return WhisperConfig(
-        d_model=d_model,
-        encoder_layers=layers,
-        encoder_attention_heads=heads,
-        encoder_ffn_dim=d_model * 4,
-        decoder_layers=1,
-        decoder_attention_heads=heads,
-        decoder_ffn_dim=d_model * 4,
-        num_mel_bins=80,
-        max_source_positions=50 * window_seconds,
-        vocab_size=64,
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=0,
-        decoder_start_token_id=1,
-    )
-
-
 def pretrain_speech(
     tokenizer,
     *,
@@ -530,7 +498,9 @@ def pretrain_speech(
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     torch.manual_seed(seed)
-    config = whisper_config(d_model, layers, heads, window_seconds)
+    from xllm.model.encoders.speech import whisper_encoder_config
+
+    config = whisper_encoder_config(d_model, layers, heads, window_seconds)
     extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=window_seconds)
     model = WhisperEncoder(config)
     if init is not None:
