@@ -163,6 +163,14 @@ class ChatService:
         self.model_name = model_name
 
     # --- /chat and /v1/chat/completions share this ---
+    async def complete(self, chat: ChatInput) -> Completion:
+        """The whole reply of a non-streaming request (cancelled if the caller goes away)."""
+        generation = await self.start(chat)
+        try:
+            return await generation.collect()
+        finally:
+            generation.cancel()
+
     async def start(self, chat: ChatInput) -> Generation:
         params, max_tokens_given = self._params(chat.overrides)
         self._check_media_count(len(chat.media))

@@ -123,13 +123,9 @@ async def chat(
 
 
 async def _complete(service: ChatService, chat_input: ChatInput) -> ChatReply:
-    generation = await service.start(chat_input)
-    try:
-        done = await generation.collect()
-    finally:
-        generation.cancel()
+    done = await service.complete(chat_input)
     return ChatReply(
-        id=generation.request_id,
+        id=chat_input.request_id,
         model=service.model_name,
         text=done.text,
         finish_reason=done.finish_reason,  # type: ignore[arg-type]

@@ -64,13 +64,9 @@ async def chat_completions(
 
 
 async def _complete(service: ChatService, chat_input, created: int) -> ChatCompletion:
-    generation = await service.start(chat_input)
-    try:
-        done = await generation.collect()
-    finally:
-        generation.cancel()
+    done = await service.complete(chat_input)
     return ChatCompletion(
-        id=generation.request_id,
+        id=chat_input.request_id,
         created=created,
         model=service.model_name,
         choices=[
