@@ -75,14 +75,25 @@ def cpu_pressure() -> str | None:
 
 
 def process_cpu_seconds(process) -> float | None:
-    """User + system CPU seconds of a server process so far (Linux /proc; None elsewhere)."""
+    """User + system CPU seconds so far of a server process and its live descendants (the
+    engine process, the fork server); Linux /proc, None elsewhere."""
     if process is None:
         return None
-    try:
-        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+    stats: dict[int, list[str]] = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stats[int(path.parent.name)] = path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):  # ended while we looked
+            continue
+    tree, grew = {process.pid}, True
+    while grew:
+        found = {pid for pid, fields in stats.items() if int(fields[1]) in tree} - tree
+        tree |= found
+        grew = bool(found)
+    if process.pid not in stats:
         return None
+    ticks = sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def engine_only(model_dir: Path, requests: dict[int, int], max_tokens: int, rounds: int) -> dict:

@@ -11,12 +11,16 @@ the layout `load_model` gives on CUDA), wraps them in the real `XLLM`, and measu
 
     encoders           one image / 32 images (ViT + Q-Former + projection), 30 s of audio (Whisper)
     engine_decode      ms per decode step at batch 1, 16, 64 through the engine's path
-                       (embed -> forward_step over SlotKVCache -> finite check -> sample_next)
+                       (SlotDecoder over the slot prefix -> finite check -> sample_next)
+    compiled_decode    the same with the decode step compiled (torch.compile, CUDA graphs per
+                       batch / kv-length bucket: `--compile on`, the default on CUDA)
     hf_decode          the same batches through naive HF `generate` (dynamic cache, greedy)
-    engine_throughput  aggregate output tokens/s with 64 concurrent streams through the real Engine
-    engine_ttft_image  TTFT p50 of a one-image request while 16 streams decode (real Engine)
-    nf4                engine_decode and hf_decode at batch 1 with the LLM's decoder in bitsandbytes
-                       nf4 (double quantization, lm_head kept, as `--quantize nf4` loads it)
+    *_throughput       aggregate output tokens/s with 64 concurrent streams through the real Engine
+    *_ttft_image       TTFT p50 of a one-image request while 16 streams decode (same Engine)
+                       (compiled_* first, engine_* after the HF baseline)
+    nf4                engine, compiled and HF decode at batch 1, then the compiled Engine's
+                       throughput and TTFT, with the LLM's decoder in bitsandbytes nf4 (double
+                       quantization, lm_head kept, as `--quantize nf4` loads it)
 
 with the peak GPU memory of each. Results go to $OUT/gpu_suite.json (written after every section,
 so a run cut short still leaves what it measured) and a markdown table to $OUT/gpu_suite.md.
@@ -235,38 +239,39 @@ class Clock:
         return time.perf_counter()
 
 
-def engine_decode(model, cache, batch: int, sizes: Sizes, clock: Clock) -> dict[str, Any]:
-    """Decode steps as the worker runs them: embed, forward_step, finite check, sample_next."""
+def engine_decode(model, decoder, batch: int, sizes: Sizes, clock: Clock) -> dict[str, Any]:
+    """Decode steps as the worker runs them: the SlotDecoder's step over slots [0, batch) (plain
+    or compiled), finite check, sample_next. The first step (compile, CUDA-graph recording) is
+    reported apart and the warm-up steps are not timed."""
     import torch
 
-    from xllm.model.generate import SamplingParams, eos_token_ids, forward_step, sample_next
+    from xllm.model.generate import SamplingParams, eos_token_ids, forward_rows, sample_next
 
     llm, device = model.llm, model.device
-    embed = llm.get_input_embeddings()
     eos = sorted(eos_token_ids(llm, model.tokenizer))
-    slots = torch.arange(batch, device=device)
+    slots = list(range(batch))
     with torch.inference_mode():
         prompt = torch.randint(20, 500, (batch, sizes.prompt), device=device)
-        logits = forward_step(
-            llm, cache, embed(prompt), slots, torch.zeros(batch, dtype=torch.long, device=device)
-        )
+        positions = torch.arange(sizes.prompt, device=device).expand(batch, -1)
+        embeds = llm.get_input_embeddings()(prompt)
+        logits = forward_rows(llm, decoder.cache, embeds, 0, positions, sizes.prompt)
         clock.sync()
-        params = [SamplingParams(max_tokens=10**6, ignore_eos=True) for _ in range(batch)]
-        histories: list[list[int]] = [[] for _ in range(batch)]
-        generators = [None] * batch
-        lengths = [sizes.prompt] * batch
-        tokens = logits.argmax(-1).tolist()
-        times = []
-        for _ in range(sizes.warmup_steps + sizes.steps):
-            start = time.perf_counter()
-            step = embed(torch.tensor([[t] for t in tokens], device=device))
-            logits = forward_step(llm, cache, step, slots, torch.tensor(lengths, device=device))
-            finite = torch.isfinite(logits).all(dim=-1).tolist()
-            tokens = sample_next(logits, params, histories, generators, eos)
-            times.append(time.perf_counter() - start)
-            for row, token in enumerate(tokens):
-                histories[row].append(token)
-            lengths = [n + 1 for n in lengths]
+    params = [SamplingParams(max_tokens=10**6, ignore_eos=True) for _ in range(batch)]
+    histories: list[list[int]] = [[] for _ in range(batch)]
+    generators = [None] * batch
+    lengths = [sizes.prompt] * batch
+    tokens = logits.argmax(-1).tolist()
+    times = []
+    for _ in range(1 + sizes.warmup_steps + sizes.steps):
+        start = time.perf_counter()
+        logits = decoder(slots, tokens, lengths)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        tokens = sample_next(logits, params, histories, generators, eos)
+        times.append(time.perf_counter() - start)
+        for row, token in enumerate(tokens):
+            histories[row].append(token)
+        lengths = [n + 1 for n in lengths]
+    first_step_s, times = times[0], times[1:]
     timed = times[sizes.warmup_steps :]
     ms = 1000 * statistics.median(timed)
     return {
@@ -276,6 +281,9 @@ def engine_decode(model, cache, batch: int, sizes: Sizes, clock: Clock) -> dict[
         "tokens_per_s": round(batch * 1000 / ms, 1),
         "steps": len(timed),
         "all_finite": all(finite),
+        "first_step_s": round(first_step_s, 3),
+        "compiled": decoder.compiled,
+        "shape": decoder.shape_for(slots, lengths),
     }
 
 
@@ -358,10 +366,19 @@ PROMPTS = (
 )
 
 
-def make_engine(model, max_batch: int, ctx: int, observer):
+def make_engine(
+    model, max_batch: int, ctx: int, observer, compile: bool = False, backend: str = "inductor"
+):
     from xllm.server.engine.worker import Engine, EngineConfig
 
-    config = EngineConfig(max_batch=max_batch, max_queue=256, max_model_len=ctx, prefill_chunk=512)
+    config = EngineConfig(
+        max_batch=max_batch,
+        max_queue=256,
+        max_model_len=ctx,
+        prefill_chunk=512,
+        compile=compile,
+        compile_backend=backend,
+    )
     return Engine(model, config, observer)
 
 
@@ -419,12 +436,16 @@ def submit(engine, request, loop):
     return handle
 
 
-def engine_throughput(model, sizes: Sizes) -> dict[str, Any]:
-    """N streams submitted at once through the real Engine; tokens/s from submit to last token."""
+async def settle(engine) -> None:
+    """Wait until the engine holds no request (cancelled ones included) before the loop closes."""
+    if not await asyncio.to_thread(engine.join, 60):
+        raise RuntimeError("the engine still holds requests after 60 s")
+
+
+def engine_throughput(engine, recorder: StepRecorder, sizes: Sizes) -> dict[str, Any]:
+    """N streams submitted at once to a started Engine; tokens/s from submit to last token."""
     n, max_tokens = sizes.throughput_streams, sizes.throughput_tokens
-    recorder = StepRecorder()
-    engine = make_engine(model, n, sizes.ctx, recorder)
-    engine.start()
+    recorder.steps.clear()
 
     async def run() -> tuple[list[dict], float, float]:
         loop = asyncio.get_running_loop()
@@ -432,9 +453,11 @@ def engine_throughput(model, sizes: Sizes) -> dict[str, Any]:
         records: list[dict] = [{} for _ in range(n)]
         handles = [submit(engine, text_request(i, max_tokens), loop) for i in range(n)]
         await asyncio.gather(*(consume(h, r) for h, r in zip(handles, records, strict=True)))
-        return records, start, time.perf_counter()
+        end = time.perf_counter()
+        await settle(engine)
+        return records, start, end
 
-    records, start, end = run_with_engine(engine, run)
+    records, start, end = asyncio.run(run())
     errors = [r["error"] for r in records if "error" in r]
     tokens = sum(r.get("tokens", 0) for r in records)
     ttfts = [r["first"] - start for r in records if "first" in r]
@@ -466,16 +489,14 @@ def synthetic_image(seed: int, size: int = 224):
     return Image.fromarray(pixels, "RGB")
 
 
-def engine_ttft_image(model, sizes: Sizes) -> dict[str, Any]:
+def engine_ttft_image(engine, recorder: StepRecorder, model, sizes: Sizes) -> dict[str, Any]:
     """One-image requests, one after another, each arriving while N text streams decode."""
     from xllm.model.generate import SamplingParams
     from xllm.model.prompt import bind_media
     from xllm.server.engine.events import EngineRequest
 
     n = sizes.ttft_streams
-    recorder = StepRecorder()
-    engine = make_engine(model, n + 2, sizes.ctx, recorder)
-    engine.start()
+    recorder.steps.clear()
 
     async def run() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -516,6 +537,7 @@ def engine_ttft_image(model, sizes: Sizes) -> dict[str, Any]:
             handle.cancel()  # the engine frees the slot and sends nothing more
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await settle(engine)
         errors = [r["error"] for r in background if "error" in r]
         step = recorder.step_ms(n)
         return {
@@ -530,7 +552,7 @@ def engine_ttft_image(model, sizes: Sizes) -> dict[str, Any]:
             "background_errors": errors[:3],
         }
 
-    return run_with_engine(engine, run)
+    return asyncio.run(run())
 
 
 def encoders(model, tiny: bool, clock: Clock) -> dict[str, Any]:
@@ -553,8 +575,8 @@ def encoders(model, tiny: bool, clock: Clock) -> dict[str, Any]:
         for count in (1, 32):
             items = [model.prepare("image", synthetic_image(i)) for i in range(count)]
             out[f"image_x{count}_ms"] = timed(lambda items=items: model.encode(items))
-        seconds = model.speech.window_samples // 16000
-        features, _ = model.speech.preprocess(np.zeros(seconds * 16000, np.float32))
+        seconds = model.speech.features.window_samples // 16000
+        features, _ = model.speech.features(np.zeros(seconds * 16000, np.float32))
         features = features.to(model.device)
         out[f"whisper_{seconds}s_ms"] = timed(lambda: model.speech(features))
         audio = model.prepare("audio", np.zeros(seconds * 16000, np.float32))
@@ -617,6 +639,8 @@ class Suite:
         if want == "cpu" and not args.tiny:
             raise SystemExit("gpu_suite: the full sizes need a GPU (9.4 B parameters); use --tiny")
         self.device = torch.device(want)
+        if args.compile_backend is None:
+            args.compile_backend = "inductor" if self.device.type == "cuda" else "eager"
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.clock = Clock(self.device)
         self.out = Path(args.out)
@@ -684,7 +708,7 @@ class Suite:
         (self.out / "gpu_suite.md").write_text(markdown(self.report))
 
     def run(self) -> int:
-        from xllm.model.generate import SlotKVCache
+        from xllm.model.generate import SlotDecoder, SlotKVCache
 
         sizes = self.sizes
         model = self.section("build", self.build)
@@ -694,30 +718,63 @@ class Suite:
         self.section("encoders", lambda: encoders(model, self.args.tiny, self.clock))
         cache = SlotKVCache.for_model(model.llm, max(sizes.batches), sizes.ctx, model.device)
         self.report["model"]["kv_cache_gb"] = round(cache.bytes / 2**30, 3)
-        for batch in sizes.batches:
-            self.section(
-                f"engine_decode_b{batch}",
-                lambda batch=batch: engine_decode(model, cache, batch, sizes, self.clock),
-            )
-        del cache
+        self.decode_sections("engine", SlotDecoder(model.llm, cache), sizes.batches)
+        # The compiled path before the naive baseline: its compiles take the budget's bulk.
+        compiled = SlotDecoder(model.llm, cache, self.compile_options())
+        self.decode_sections("compiled", compiled, sizes.batches[:1])
+        self.serving_sections("compiled", compile=True)
+        self.decode_sections("compiled", compiled, sizes.batches[1:])
+        del cache, compiled
         for batch in sizes.batches:
             self.section(
                 f"hf_decode_b{batch}",
                 lambda batch=batch: hf_decode(model, batch, sizes, self.clock),
             )
-        self.section("engine_throughput", lambda: engine_throughput(model, sizes))
-        self.section("engine_ttft_image", lambda: engine_ttft_image(model, sizes))
+        self.serving_sections("engine", compile=False)
         self.section("nf4_quantize", lambda: self.quantize(model))
         if "nf4_quantize" in self.report["results"]:
             cache = SlotKVCache.for_model(model.llm, 1, sizes.ctx, model.device)
-            self.section(
-                "nf4_engine_decode_b1", lambda: engine_decode(model, cache, 1, sizes, self.clock)
-            )
+            self.decode_sections("nf4_engine", SlotDecoder(model.llm, cache), (1,))
+            compiled = SlotDecoder(model.llm, cache, self.compile_options())
+            self.decode_sections("nf4_compiled", compiled, (1,))
             self.section("nf4_hf_decode_b1", lambda: hf_decode(model, 1, sizes, self.clock))
+            del cache, compiled
+            self.serving_sections("nf4_compiled", compile=True)
         self.report["finished"] = True
         self.write()
         print(markdown(self.report), flush=True)
         return 1 if self.report["errors"] else 0
+
+    def compile_options(self):
+        from xllm.model.generate import CompileOptions
+
+        return replace(CompileOptions.for_device(self.device), backend=self.args.compile_backend)
+
+    def decode_sections(self, prefix: str, decoder, batches: tuple[int, ...]) -> None:
+        for batch in batches:
+            self.section(
+                f"{prefix}_decode_b{batch}",
+                lambda batch=batch: engine_decode(
+                    self._model, decoder, batch, self.sizes, self.clock
+                ),
+            )
+
+    def serving_sections(self, prefix: str, compile: bool) -> None:
+        """Aggregate throughput of N streams, then image TTFT under load, through one Engine
+        (one set of compiled graphs for both)."""
+        model, sizes = self._model, self.sizes
+        recorder = StepRecorder()
+        slots = max(sizes.throughput_streams, sizes.ttft_streams + 2)
+        engine = make_engine(model, slots, sizes.ctx, recorder, compile, self.args.compile_backend)
+        engine.start()
+        try:
+            self.section(f"{prefix}_throughput", lambda: engine_throughput(engine, recorder, sizes))
+            self.section(
+                f"{prefix}_ttft_image",
+                lambda: engine_ttft_image(engine, recorder, model, sizes),
+            )
+        finally:
+            engine.shutdown()
 
     def build(self) -> dict[str, Any]:
         import torch
@@ -802,8 +859,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['dtype']}, {report['date']}, commit {str(report.get('commit'))[:10]}"
         f"{' +dirty' if report.get('dirty') else ''})",
         "",
-        "| measurement | engine path | naive HF generate | peak GPU GB (engine / HF) |",
-        "| --- | --- | --- | --- |",
+        "| measurement | engine path | compiled engine path | naive HF generate "
+        "| peak GPU GB (engine / compiled / HF) |",
+        "| --- | --- | --- | --- | --- |",
     ]
 
     def cell(entry: dict | None, key: str, unit: str) -> str:
@@ -812,29 +870,35 @@ def markdown(report: dict[str, Any]) -> str:
     def peak(entry: dict | None) -> str:
         return "-" if not entry or entry.get("peak_gpu_gb") is None else str(entry["peak_gpu_gb"])
 
+    def row(label: str, names: tuple[str, str, str], key: str, unit: str, extra: str = "") -> None:
+        entries = [r.get(name) for name in names]
+        cells = [
+            cell(e, key, unit) + (f" ({cell(e, extra, 'tok/s')})" if extra else "") for e in entries
+        ]
+        lines.append(f"| {label} | {' | '.join(cells)} | {' / '.join(map(peak, entries))} |")
+
     for batch in report["sizes"]["batches"]:
-        e, h = r.get(f"engine_decode_b{batch}"), r.get(f"hf_decode_b{batch}")
-        lines.append(
-            f"| decode, batch {batch} | {cell(e, 'ms_per_step', 'ms/step')} "
-            f"({cell(e, 'tokens_per_s', 'tok/s')}) | {cell(h, 'ms_per_step', 'ms/step')} "
-            f"({cell(h, 'tokens_per_s', 'tok/s')}) | {peak(e)} / {peak(h)} |"
+        names = (f"engine_decode_b{batch}", f"compiled_decode_b{batch}", f"hf_decode_b{batch}")
+        row(f"decode, batch {batch}", names, "ms_per_step", "ms/step", "tokens_per_s")
+    names = ("nf4_engine_decode_b1", "nf4_compiled_decode_b1", "nf4_hf_decode_b1")
+    row("nf4 decode, batch 1", names, "ms_per_step", "ms/step")
+    streams, ttft_streams = report["sizes"]["throughput_streams"], report["sizes"]["ttft_streams"]
+    for prefix, label in (("", ""), ("nf4_", "nf4 ")):
+        names = (f"{prefix}engine_throughput", f"{prefix}compiled_throughput", "-")
+        row(
+            f"{label}{streams} streams, aggregate (steady)",
+            names,
+            "output_tokens_per_s",
+            "tok/s",
+            "steady_tokens_per_s",
         )
-    e, h = r.get("nf4_engine_decode_b1"), r.get("nf4_hf_decode_b1")
-    lines.append(
-        f"| nf4 decode, batch 1 | {cell(e, 'ms_per_step', 'ms/step')} | "
-        f"{cell(h, 'ms_per_step', 'ms/step')} | {peak(e)} / {peak(h)} |"
-    )
-    t = r.get("engine_throughput")
-    lines.append(
-        f"| {report['sizes']['throughput_streams']} streams, aggregate | "
-        f"{cell(t, 'output_tokens_per_s', 'tok/s')} "
-        f"(steady {cell(t, 'steady_tokens_per_s', 'tok/s')}) | - | {peak(t)} / - |"
-    )
-    i = r.get("engine_ttft_image")
-    lines.append(
-        f"| TTFT p50, one image, {report['sizes']['ttft_streams']} streams running | "
-        f"{cell(i, 'ttft_p50_ms', 'ms')} | - | {peak(i)} / - |"
-    )
+        names = (f"{prefix}engine_ttft_image", f"{prefix}compiled_ttft_image", "-")
+        row(
+            f"{label}TTFT p50, one image, {ttft_streams} streams running",
+            names,
+            "ttft_p50_ms",
+            "ms",
+        )
     enc = r.get("encoders") or {}
     if enc:
         shown = ", ".join(f"{k} {v}" for k, v in enc.items() if k not in ("seconds",))
@@ -857,6 +921,12 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=420, help="seconds; later sections are skipped"
     )
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per batch")
+    parser.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend of the compiled sections (default: inductor on CUDA; "
+        "eager on the CPU, where the tiny run checks the code paths, not the speed)",
+    )
     args = parser.parse_args(argv)
     ensure_importable()
     return Suite(args).run()

@@ -2,7 +2,10 @@
 
 - `SlotKVCache`: preallocated K/V buffers (layers x slots x kv_heads x max_len x head_dim) with
   static shapes; every sequence owns one slot, so sequences join and leave a running batch freely.
-- `forward_step`: one LLM forward over (B, q) new embeddings written at per-row positions.
+- `forward_step` / `prefill_rows`: prompt chunks written into their slots (prefill), one
+  sequence or several of consecutive slots in one forward.
+- `SlotDecoder`: one decode step over the slot prefix [0, B), plain or compiled (torch.compile,
+  bucketed static shapes, CUDA graphs).
 - `sample_next`: per-row logits processing and sampling.
 - `SequenceState`: what one sequence has produced (tokens, text, stop/length state).
 - `generate`: the single-request loop built from these, used by the CLI; the server's scheduler
@@ -11,12 +14,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import bisect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from xllm.model.config import SamplingDefaults
 
@@ -72,12 +78,13 @@ def sampling_params(defaults: SamplingDefaults, **overrides: object) -> Sampling
 class SlotKVCache(Cache):
     """Static K/V slots driven through HF's Cache interface.
 
-    Before each forward, `bind` says which slots the batch rows are and at which positions their
-    new tokens go; each attention layer then calls `update`, which writes the new K/V there and
-    returns the rows' K/V up to `kv_len` (masking of stale positions is the caller's 4-D mask).
+    Before each forward, `bind` says which contiguous slots the batch rows are (row b is slot
+    first_slot + b) and at which positions their new tokens go; each attention layer then calls
+    `update`, which writes the new K/V there and returns views of the rows' K/V up to `kv_len`
+    (no copy; masking of stale positions is the caller's 4-D mask).
     """
 
-    is_compileable = False
+    is_compileable = False  # HF generate must not compile it: SlotDecoder does
 
     def __init__(
         self,
@@ -95,7 +102,8 @@ class SlotKVCache(Cache):
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
-        self._slots = torch.zeros(0, dtype=torch.long, device=device)
+        self._first_slot = 0
+        self._rows = torch.zeros(0, 1, dtype=torch.long, device=device)
         self._positions = torch.zeros(0, 1, dtype=torch.long, device=device)
         self._kv_len = 0
 
@@ -103,36 +111,73 @@ class SlotKVCache(Cache):
     def for_model(
         cls, llm: PreTrainedModel, num_slots: int, max_len: int, device: torch.device
     ) -> SlotKVCache:
-        config = llm.config.get_text_config()
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        dtype = llm.get_input_embeddings().weight.dtype
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            dtype = torch.float32
-        return cls(config.num_hidden_layers, num_slots, max_len, kv_heads, head_dim, dtype, device)
+        layers, kv_heads, head_dim = kv_shape(llm)
+        return cls(layers, num_slots, max_len, kv_heads, head_dim, kv_cache_dtype(llm), device)
 
     @property
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def bind(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
-        """slots (B,), positions (B, q) where the new tokens go, kv_len = max position + 1."""
-        self._slots, self._positions, self._kv_len = slots, positions, kv_len
+    @property
+    def scratch_position(self) -> int:
+        """Where rows that are not decoding write their K/V during a decode step.
+
+        Safe for every slot: a sequence holds at most max_len - 1 positions before its last
+        decode step, and that step writes position max_len - 1 itself before reading it.
+        """
+        return self.max_len - 1
+
+    def bind(self, first_slot: int, positions: torch.Tensor, kv_len: int) -> None:
+        """Rows are slots first_slot.. first_slot + B - 1; positions (B, q) where the new tokens
+        go; kv_len (host-known, >= every row's last position + 1) the K/V length attended."""
+        self._first_slot, self._positions, self._kv_len = first_slot, positions, kv_len
+        self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states: (B, kv_heads, q, head_dim); buffers: (slots, kv_heads, max_len, head_dim)
-        rows = self._slots[:, None]  # (B, 1) broadcast against positions (B, q)
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[rows, :, self._positions] = key_states.transpose(1, 2).to(keys.dtype)
-        values[rows, :, self._positions] = value_states.transpose(1, 2).to(values.dtype)
-        return keys[self._slots, :, : self._kv_len], values[self._slots, :, : self._kv_len]
+        batch = slice(self._first_slot, self._first_slot + key_states.shape[0])
+        keys, values = self.keys[layer_idx][batch], self.values[layer_idx][batch]  # views
+        keys[self._rows, :, self._positions] = key_states.transpose(1, 2).to(keys.dtype)
+        values[self._rows, :, self._positions] = value_states.transpose(1, 2).to(values.dtype)
+        return keys[:, :, : self._kv_len], values[:, :, : self._kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy a sequence's first `length` positions from slot `source` to slot `target`."""
+        for buffers in (self.keys, self.values):
+            for layer in buffers:
+                layer[target, :, :length] = layer[source, :, :length]
+
+    def mark_static_addresses(self) -> None:
+        """CUDA graphs replay fixed addresses: tell dynamo the buffers never move, so their
+        in-place updates stay inside the captured graph."""
+        for buffer in self.keys + self.values:
+            torch._dynamo.mark_static_address(buffer)
+
+
+def kv_shape(llm: PreTrainedModel) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the LLM's K/V."""
+    config = llm.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_cache_dtype(llm: PreTrainedModel) -> torch.dtype:
+    """The LLM's compute dtype (float32 for quantized embeddings)."""
+    dtype = llm.get_input_embeddings().weight.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
+def kv_bytes_per_position(llm: PreTrainedModel) -> int:
+    """K and V of one position in every layer, in bytes (what one slot position costs)."""
+    layers, kv_heads, head_dim = kv_shape(llm)
+    element = torch.empty(0, dtype=kv_cache_dtype(llm)).element_size()
+    return 2 * layers * kv_heads * head_dim * element
 
 
 def attention_mask_4d(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -144,22 +189,20 @@ def attention_mask_4d(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) 
     return mask[:, None]
 
 
-@torch.inference_mode()
-def forward_step(
+def forward_rows(
     llm: PreTrainedModel,
     cache: SlotKVCache,
     embeds: torch.Tensor,
-    slots: torch.Tensor,
-    starts: torch.Tensor,
+    first_slot: int,
+    positions: torch.Tensor,
+    kv_len: int,
 ) -> torch.Tensor:
-    """embeds (B, q, H) written at positions starts[b] .. starts[b]+q-1 of slot slots[b].
+    """embeds (B, q, H) written at positions (B, q) of slots first_slot.. first_slot + B - 1.
 
-    Returns the logits of each row's last position, (B, V) in float32.
+    Returns the logits of each row's last position, (B, V) in float32. No host sync: kv_len
+    comes from the caller, which knows every row's length.
     """
-    q = embeds.shape[1]
-    positions = starts[:, None] + torch.arange(q, device=starts.device)[None, :]  # (B, q)
-    kv_len = int(starts.max().item()) + q
-    cache.bind(slots, positions, kv_len)
+    cache.bind(first_slot, positions, kv_len)
     mask = attention_mask_4d(positions, kv_len, embeds.dtype)
     out = llm(
         inputs_embeds=embeds,
@@ -172,6 +215,197 @@ def forward_step(
     return out.logits[:, -1].float()
 
 
+@torch.inference_mode()
+def forward_step(
+    llm: PreTrainedModel, cache: SlotKVCache, embeds: torch.Tensor, slot: int, start: int
+) -> torch.Tensor:
+    """One sequence's embeds (1, q, H) written at positions start.. start + q - 1 of `slot`.
+
+    Returns the logits after its last position, (1, V) in float32.
+    """
+    return prefill_rows(llm, cache, slot, [(embeds[0], start)])
+
+
+def prefill_rows(
+    llm: PreTrainedModel,
+    cache: SlotKVCache,
+    first_slot: int,
+    chunks: Sequence[tuple[torch.Tensor, int]],
+) -> torch.Tensor:
+    """Prompt chunks of consecutive slots in one forward: chunk i = (embeds (q_i, H), start_i)
+    goes to positions start_i.. start_i + q_i - 1 of slot first_slot + i.
+
+    Rows are left-padded to the longest chunk, so every row's last real position is the last
+    one (`logits_to_keep=1`). Pads write the cache's scratch position, which no real query of
+    this forward attends (it lies past every prompt) and a sequence overwrites before it reads.
+    Returns each row's logits after its last position, (B, V) in float32.
+    """
+    longest = max(embeds.shape[0] for embeds, _ in chunks)
+    first = chunks[0][0]
+    if len(chunks) == 1:
+        batch = first[None]
+        positions = torch.arange(chunks[0][1], chunks[0][1] + longest)[None]
+    else:
+        batch = first.new_zeros(len(chunks), longest, first.shape[1])
+        positions = torch.full((len(chunks), longest), cache.scratch_position)
+        for row, (embeds, start) in enumerate(chunks):
+            length = embeds.shape[0]
+            batch[row, longest - length :] = embeds
+            positions[row, longest - length :] = torch.arange(start, start + length)
+    kv_len = max(start + embeds.shape[0] for embeds, start in chunks)
+    return forward_rows(llm, cache, batch, first_slot, positions.to(first.device), kv_len)
+
+
+def sdpa_packed_gqa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """HF's SDPA attention, except that one-token queries with grouped K/V heads are packed.
+
+    query (B, heads, 1, D) is read as (B, kv_heads, groups, D): each K/V head serves its group
+    of query heads as if they were query positions, so the cache views (B, kv_heads, kv_len, D)
+    are attended as they are. HF does this itself in eager mode only; under torch.compile it
+    repeats K/V to every query head, a copy of the attended cache in every layer.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, heads // groups, groups, dim),
+        key,
+        value,
+        attn_mask=attention_mask,  # (B, 1, 1, kv_len) broadcasts over (kv_heads, groups)
+        scale=scaling,
+    )
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+SDPA_PACKED_GQA = "xllm_sdpa_packed_gqa"
+AttentionInterface.register(SDPA_PACKED_GQA, sdpa_packed_gqa)
+AttentionMaskInterface.register(SDPA_PACKED_GQA, sdpa_mask)
+
+
+def power_of_two_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 2 * smallest, 4 * smallest, ... while below largest, then largest itself."""
+    sizes = []
+    size = min(smallest, largest)
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, largest)
+
+
+def fit_bucket(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest bucket holding n (buckets ascending, the last one holds every n)."""
+    return buckets[bisect.bisect_left(buckets, n)]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "inductor"  # "aot_eager" / "eager" check the shape logic cheaply (tests)
+    mode: str | None = None  # "reduce-overhead": CUDA graphs, one per (batch, kv_len) bucket
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> CompileOptions:
+        return cls(mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+SMALLEST_KV_BUCKET = 256  # shorter attention spans cost less than the launch overhead they save
+
+
+class SlotDecoder:
+    """Decode steps over the slot range [0, B): one new token for each sequence in `slots`.
+
+    The batch is a prefix of the cache, so every layer attends over views of it, never a gather.
+    Range rows that hold no decoding sequence (free slots, prompts still prefilling) run too, on
+    token 0 at the cache's scratch position, and their logits are dropped.
+
+    Plain: B = highest slot + 1, kv_len = longest sequence + 1, eager.
+    Compiled: B and kv_len rounded up to power-of-two buckets. The graph is compiled with both
+    sizes symbolic (a handful of compiles: B = 1, B = all slots and kv_len = max_len specialise),
+    and mode "reduce-overhead" records one CUDA graph per (B, kv_len) bucket, as vLLM does per
+    batch size. Either way the host knows every length: no step waits for the device.
+    """
+
+    def __init__(
+        self, llm: PreTrainedModel, cache: SlotKVCache, compile: CompileOptions | None = None
+    ) -> None:
+        self.llm = llm
+        self.cache = cache
+        self.compiled = compile is not None
+        self.batch_buckets = power_of_two_buckets(1, cache.num_slots)
+        self.kv_buckets = power_of_two_buckets(SMALLEST_KV_BUCKET, cache.max_len)
+        device = cache.keys[0].device
+        self._key_positions = torch.arange(cache.max_len, device=device)  # sliced to kv_len
+        self._forward = decode_rows
+        if compile is not None:
+            self._forward = self._compile(compile)
+
+    def _compile(self, options: CompileOptions) -> Callable[..., torch.Tensor]:
+        if self.llm.config._attn_implementation == "sdpa":
+            self.llm.set_attn_implementation(SDPA_PACKED_GQA)
+        if options.mode == "reduce-overhead":
+            import torch._inductor.config as inductor_config
+
+            self.cache.mark_static_addresses()
+            # one graph per bucket is the design, not a sign of shapes running wild
+            buckets = len(self.batch_buckets) * len(self.kv_buckets)
+            inductor_config.triton.cudagraph_dynamic_shape_warn_limit = buckets
+        return torch.compile(decode_rows, backend=options.backend, mode=options.mode)
+
+    def shape_for(self, slots: Sequence[int], lengths: Sequence[int]) -> tuple[int, int]:
+        """(rows, kv_len) of the step that extends sequences of `lengths` held in `slots`."""
+        rows, kv_len = max(slots) + 1, max(lengths) + 1
+        if self.compiled:
+            return fit_bucket(self.batch_buckets, rows), fit_bucket(self.kv_buckets, kv_len)
+        return rows, kv_len
+
+    @torch.inference_mode()
+    def __call__(
+        self, slots: Sequence[int], tokens: Sequence[int], lengths: Sequence[int]
+    ) -> torch.Tensor:
+        """Write tokens[i] at position lengths[i] of slot slots[i]; logits (len(slots), V)."""
+        rows, kv_len = self.shape_for(slots, lengths)
+        row_tokens = [0] * rows
+        row_positions = [self.cache.scratch_position] * rows
+        for slot, token, length in zip(slots, tokens, lengths, strict=True):
+            row_tokens[slot], row_positions[slot] = token, length
+        device = self._key_positions.device
+        host = torch.tensor([row_tokens, row_positions, list(slots) + [0] * (rows - len(slots))])
+        if device.type == "cuda":
+            host = host.pin_memory()
+        inputs = host.to(device, non_blocking=True)  # (3, rows): one copy, no sync
+        row_tokens_t, row_positions_t = inputs[0], inputs[1]
+        key_positions = self._key_positions[:kv_len]
+        if self.compiled:  # sizes symbolic from the first compile on, not after a recompile
+            for tensor in (row_tokens_t, row_positions_t, key_positions):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        logits = self._forward(self.llm, self.cache, row_tokens_t, row_positions_t, key_positions)
+        return logits[inputs[2, : len(slots)]]  # a new tensor: a CUDA graph reuses its output
+
+
+def decode_rows(
+    llm: PreTrainedModel,
+    cache: SlotKVCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor,
+) -> torch.Tensor:
+    """tokens (B,) written at positions (B,) of slots 0..B-1, attending over key_positions
+    (kv_len,) = 0..kv_len-1 (a tensor, so that kv_len is a size torch.compile can keep
+    symbolic); logits (B, V) in float32."""
+    embeds = llm.get_input_embeddings()(tokens[:, None])  # (B, 1, H)
+    return forward_rows(llm, cache, embeds, 0, positions[:, None], key_positions.shape[0])
+
+
 def sample_next(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -179,38 +413,77 @@ def sample_next(
     generators: Sequence[torch.Generator | None],
     eos_ids: Sequence[int],
 ) -> list[int]:
-    """Next token per row of logits (B, V), each row with its own sampling parameters."""
-    logits = logits.clone()
-    for row, p in enumerate(params):
-        history = histories[row]
-        if p.repetition_penalty != 1.0 and history:
-            seen = torch.tensor(sorted(set(history)), device=logits.device)
-            scores = logits[row, seen]
-            logits[row, seen] = torch.where(
-                scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty
-            )
-        if len(history) < p.min_tokens and eos_ids:
-            logits[row, list(eos_ids)] = float("-inf")
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for row, p in enumerate(params):
-        if p.temperature == 0:
-            tokens.append(greedy[row])
-            continue
-        scores = logits[row] / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(scores, min(p.top_k, scores.shape[-1])).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always the first token)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        token = torch.multinomial(probs.cpu(), 1, generator=generators[row]).item()
-        tokens.append(int(token))
+    """Next token per row of logits (B, V), each row with its own sampling parameters.
+
+    Logits processing runs batched over the rows that need it; only the draw itself is per
+    row (each request has its own seeded generator).
+    """
+    logits = penalised(logits, params, histories, eos_ids)
+    tokens = logits.argmax(dim=-1).tolist()
+    sampled = [row for row, p in enumerate(params) if p.temperature != 0]
+    if not sampled:
+        return tokens
+    probs = sampling_probs(logits[sampled], [params[row] for row in sampled]).cpu()
+    for i, row in enumerate(sampled):
+        tokens[row] = int(torch.multinomial(probs[i], 1, generator=generators[row]).item())
     return tokens
+
+
+def penalised(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[Sequence[int]],
+    eos_ids: Sequence[int],
+) -> torch.Tensor:
+    """logits (B, V) after the repetition penalty (HF semantics) and min_tokens EOS suppression.
+
+    One indexed update each over every row that needs it; the input is returned as it is when
+    no row does (the common case), else a copy (a failed batch is retried row by row on it).
+    """
+    repeat_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[r]]
+    eos_rows = [r for r, p in enumerate(params) if len(histories[r]) < p.min_tokens]
+    if not eos_ids:
+        eos_rows = []
+    if not repeat_rows and not eos_rows:
+        return logits
+    logits = logits.clone()
+    device = logits.device
+    if repeat_rows:
+        seen = [sorted(set(histories[r])) for r in repeat_rows]
+        width = max(len(ids) for ids in seen)
+        # (R, width) token ids, short rows padded with their own first id (written twice, alike)
+        ids = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in seen], device=device)
+        rows = torch.tensor(repeat_rows, device=device)[:, None]
+        penalty = torch.tensor([params[r].repetition_penalty for r in repeat_rows], device=device)
+        penalty = penalty.to(logits.dtype)[:, None]
+        scores = logits[rows, ids]
+        logits[rows, ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    if eos_rows:
+        rows = torch.tensor(eos_rows, device=device)[:, None]
+        logits[rows, torch.tensor(list(eos_ids), device=device)[None, :]] = float("-inf")
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities (S, V) of rows that sample: temperature, then top-k, then top-p."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    scores = logits / temperature.to(logits.dtype)
+    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    if min(top_k) < vocab:
+        kth_index = torch.tensor(top_k, device=device)[:, None] - 1  # (S, 1)
+        kth = scores.sort(dim=-1, descending=True).values.gather(-1, kth_index)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if any(p.top_p < 1.0 for p in params):
+        # keep the smallest prefix whose mass reaches top_p (always the first token); rows
+        # without top-p keep everything (cumsum rounding must not drop their tail)
+        top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= torch.tensor(top_p, device=device)[:, None]
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return probs
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -334,8 +607,7 @@ def generate(
     device = prompt_embeds.device
     prompt_len = prompt_embeds.shape[0]
     cache = SlotKVCache.for_model(llm, 1, prompt_len + params.max_tokens, device)
-    slot = torch.zeros(1, dtype=torch.long, device=device)
-    logits = prefill(llm, cache, prompt_embeds, slot, prefill_chunk)
+    logits = prefill(llm, cache, prompt_embeds, 0, prefill_chunk)
     eos = eos_token_ids(llm, tokenizer)
     state = SequenceState(params, eos, IncrementalDetokenizer(tokenizer))
     generator = make_generator(params.seed)
@@ -348,7 +620,7 @@ def generate(
         if state.finish_reason is not None:
             return
         step = embed(torch.tensor([[token]], device=device))
-        logits = forward_step(llm, cache, step, slot, torch.tensor([position], device=device))
+        logits = forward_step(llm, cache, step, 0, position)
         position += 1
 
 
@@ -356,13 +628,13 @@ def prefill(
     llm: PreTrainedModel,
     cache: SlotKVCache,
     prompt_embeds: torch.Tensor,
-    slot: torch.Tensor,
+    slot: int,
     chunk: int,
 ) -> torch.Tensor:
     """Write a whole prompt (L, H) into a slot in chunks; logits after its last token, (1, V)."""
     logits = None
     for start in range(0, prompt_embeds.shape[0], chunk):
         piece = prompt_embeds[start : start + chunk][None]
-        logits = forward_step(llm, cache, piece, slot, torch.tensor([start], device=slot.device))
+        logits = forward_step(llm, cache, piece, slot, start)
     assert logits is not None, "empty prompt"
     return logits

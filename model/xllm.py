@@ -11,9 +11,7 @@ Pipeline for a request (each step batched across all media items given together)
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from xllm.model.config import Modality, XLLMConfig
 from xllm.model.encoders.speech import SpeechEncoder
 from xllm.model.encoders.vision import VisionEncoder
+from xllm.model.preprocess import MediaPreparer, PreparedMedia
 from xllm.model.prompt import MediaSegment, Message, PromptLayout, build_layout, embed_layout
 from xllm.model.x2l.cformer import CFormer
 from xllm.model.x2l.projector import FrameStackProjector
@@ -32,17 +31,6 @@ from xllm.model.x2l.qformer import ImageInterface, VideoInterface, build_qformer
 
 if TYPE_CHECKING:
     from xllm.model.media import DecodedVideo
-
-
-@dataclass
-class PreparedMedia:
-    """A media item ready for the encoders (CPU tensors, made off the model thread)."""
-
-    kind: Modality
-    digest: str  # content hash of the decoded media: the encoder-output cache key
-    pixels: torch.Tensor | None = None  # image (1, 3, S, S) or video frames (T, 3, S, S)
-    audio_features: torch.Tensor | None = None  # log-mel windows (W, n_mels, window_frames)
-    audio_frames: int = 0  # encoder frames that cover real audio
 
 
 # Encoded media: one (kind, (length, H) embeddings) per tagged segment, in prompt order.
@@ -64,6 +52,11 @@ class XLLM(nn.Module):
         self.tokenizer = tokenizer
         self.vision = vision
         self.speech = speech
+        self.preparer = MediaPreparer(
+            config,
+            vision.processor if vision is not None else None,
+            speech.features if speech is not None else None,
+        )
         llm_hidden = llm.get_input_embeddings().weight.shape[1]
         self.image_interface: ImageInterface | None = None
         self.video_interface: VideoInterface | None = None
@@ -110,12 +103,7 @@ class XLLM(nn.Module):
 
     @property
     def modalities(self) -> tuple[Modality, ...]:
-        found: list[Modality] = []
-        if self.image_interface is not None:
-            found += ["image", "video"]
-        if self.speech_interface is not None:
-            found.append("audio")
-        return tuple(found)
+        return self.preparer.modalities
 
     @property
     def device(self) -> torch.device:
@@ -130,39 +118,7 @@ class XLLM(nn.Module):
     def prepare(
         self, kind: Modality, media: Image.Image | np.ndarray | DecodedVideo
     ) -> PreparedMedia:
-        if kind not in self.modalities:
-            raise ValueError(
-                f"this model does not take {kind} input "
-                f"(it takes: {', '.join(self.modalities) or 'text only'})"
-            )
-        if kind == "image":
-            assert self.vision is not None and isinstance(media, Image.Image)
-            return PreparedMedia(
-                kind,
-                _digest(kind, media.tobytes(), media.size),
-                pixels=self.vision.preprocess([media]),
-            )
-        if kind == "audio":
-            assert self.speech is not None and isinstance(media, np.ndarray)
-            features, frames = self.speech.preprocess(media)
-            return PreparedMedia(
-                kind, _digest(kind, media.tobytes()), audio_features=features, audio_frames=frames
-            )
-        assert self.vision is not None and not isinstance(media, (Image.Image, np.ndarray))
-        frames = (
-            media.frames[: self.video_interface.max_frames]
-            if self.video_interface
-            else media.frames
-        )
-        pixels = self.vision.preprocess(frames)
-        parts = [f.tobytes() for f in frames]
-        item = PreparedMedia(kind, "", pixels=pixels)
-        if media.audio is not None and len(media.audio) and self.speech_interface is not None:
-            assert self.speech is not None
-            item.audio_features, item.audio_frames = self.speech.preprocess(media.audio)
-            parts.append(media.audio.tobytes())
-        item.digest = _digest(kind, *parts)
-        return item
+        return self.preparer.prepare(kind, media)
 
     # --- steps 2 and 3: encoders and interfaces, batched over all items ---
     def encode(self, items: Sequence[PreparedMedia]) -> list[EncodedMedia]:
@@ -224,10 +180,3 @@ class XLLM(nn.Module):
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-def _digest(kind: str, *parts: bytes | tuple) -> str:
-    h = hashlib.blake2b(kind.encode(), digest_size=16)
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else repr(part).encode())
-    return h.hexdigest()

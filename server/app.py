@@ -35,6 +35,7 @@ from xllm.server.settings import Settings
 
 if TYPE_CHECKING:
     from xllm.model.xllm import XLLM
+    from xllm.server.engine.process import EngineProcess
     from xllm.server.engine.worker import Engine
 
 log = logging.getLogger("xllm.server")
@@ -84,30 +85,49 @@ def create_app(settings: Settings, model: XLLM | None = None) -> FastAPI:
 
 
 async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoolExecutor) -> None:
+    """Load the model and start the engine: in a child process, or in a thread of this one
+    (`--engine thread`, or a `model` object given by an embedding application)."""
     from xllm.model.checkpoint import default_model_dir, load_model
     from xllm.model.media import MediaLimits
+    from xllm.model.preprocess import MediaPreparer
+    from xllm.server.engine.process import EngineProcess, EngineSpec
     from xllm.server.engine.worker import Engine, EngineConfig
     from xllm.server.remote_media import RemoteMediaFetcher
     from xllm.server.serving import ChatService, ServingLimits
 
     s = runtime.settings
+    config = EngineConfig(
+        max_batch=s.max_batch,
+        max_queue=s.max_queue,
+        max_model_len=s.max_model_len,
+        prefill_chunk=s.prefill_chunk,
+        default_max_tokens=s.default_max_tokens,
+        encoder_cache_mb=s.encoder_cache_mb,
+        stall_timeout=s.stall_timeout or None,
+        compile=s.compile,
+        gpu_memory_utilization=s.gpu_memory_utilization,
+    )
+    engine: Engine | EngineProcess
     try:
-        if model is None:
+        if model is not None:
+            preparer, engine = model.preparer, Engine(model, config, runtime.metrics)
+        else:
             model_dir = s.model or await asyncio.to_thread(default_model_dir)
-            log.info("loading model", extra={"model": str(model_dir), "quantize": s.quantize})
-            model = await asyncio.to_thread(
-                load_model, model_dir, device=s.device, dtype=s.dtype, quantize=s.quantize
+            log.info(
+                "loading model",
+                extra={"model": str(model_dir), "quantize": s.quantize, "engine": s.engine},
             )
-        config = EngineConfig(
-            max_batch=s.max_batch,
-            max_queue=s.max_queue,
-            max_model_len=s.max_model_len,
-            prefill_chunk=s.prefill_chunk,
-            default_max_tokens=s.default_max_tokens,
-            encoder_cache_mb=s.encoder_cache_mb,
-            stall_timeout=s.stall_timeout or None,
-        )
-        engine = Engine(model, config, runtime.metrics)
+            preparer = await asyncio.to_thread(MediaPreparer.from_pretrained, model_dir)
+            if s.engine == "process":
+                spec = EngineSpec(
+                    model_dir, s.device, s.dtype, s.quantize, config, cpu_threads(s), s.log_format
+                )
+                engine = EngineProcess(spec, runtime.metrics)
+            else:
+                model = await asyncio.to_thread(
+                    load_model, model_dir, device=s.device, dtype=s.dtype, quantize=s.quantize
+                )
+                engine = Engine(model, config, runtime.metrics)
         limits = ServingLimits(
             MediaLimits(
                 max_image_pixels=s.max_image_pixels,
@@ -119,17 +139,21 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
             request_timeout=s.request_timeout,
         )
         fetcher = RemoteMediaFetcher(s.allow_remote_media, s.max_upload_bytes)
-        engine.start()
+        await asyncio.to_thread(engine.start)
         runtime.engine = engine
-        runtime.service = ChatService(model, engine, limits, executor, fetcher, model.config.name)
+        runtime.service = ChatService(
+            preparer, engine, limits, executor, fetcher, preparer.config.name
+        )
         log.info(
             "model ready",
             extra={
-                "model": model.config.name,
-                "modalities": list(model.modalities),
-                "max_batch": s.max_batch,
+                "model": preparer.config.name,
+                "modalities": list(preparer.modalities),
+                "engine": "process" if isinstance(engine, EngineProcess) else "thread",
+                "engine_pid": engine.pid if isinstance(engine, EngineProcess) else os.getpid(),
+                "max_batch": engine.config.max_batch,
                 "max_model_len": engine.max_model_len,
-                "kv_cache_mb": round(engine.cache.bytes / 2**20, 1),
+                "kv_cache_mb": round(engine.kv_cache_bytes / 2**20, 1),
             },
         )
     except Exception as exc:
@@ -137,7 +161,7 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
         log.exception("model failed to load")
 
 
-def _drain(engine: Engine, timeout: float) -> None:
+def _drain(engine: Engine | EngineProcess, timeout: float) -> None:
     """Stop intake, let running requests finish up to `timeout`, then end the rest with an error."""
     engine.stop_intake()
     if not engine.join(timeout):
@@ -248,9 +272,20 @@ def serve(settings: Settings) -> int:
     return server.exit_code
 
 
-def _set_torch_threads(settings: Settings) -> None:
-    """On the CPU, leave a core to the event loop and the media pool (process-wide setting)."""
+def cpu_threads(settings: Settings) -> int | None:
+    """Intra-op threads for the model on the CPU: leave a core to the event loop and the media
+    pool (torch's one per core oversubscribes them). None on a GPU: torch's default."""
     import torch
 
     if settings.device == "cpu" or not torch.cuda.is_available():
-        torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+        return settings.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+    return None
+
+
+def _set_torch_threads(settings: Settings) -> None:
+    """Process-wide: this process's preprocessing, and the model when it runs in a thread."""
+    import torch
+
+    threads = cpu_threads(settings)
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -34,12 +34,19 @@ _FLAGS: dict[str, tuple[type, str]] = {
     ),
     "--media-workers": (int, "threads decoding media (default 2)"),
     "--torch-threads": (int, "model worker threads on the CPU (default: cores - 1)"),
+    "--gpu-memory-utilization": (
+        float,
+        "CUDA: share of the GPU's memory to use (weights, activations, KV cache), e.g. 0.9; "
+        "sizes the KV slots, at most --max-batch (default: --max-batch slots; not on the CPU)",
+    ),
 }
 _CHOICES = {
     "--quantize": ("none", "nf4", "int8"),
     "--device": ("auto", "cpu", "cuda"),
     "--dtype": ("auto", "float32", "bfloat16", "float16"),
     "--log-format": ("json", "text"),
+    "--compile": ("on", "off"),  # torch.compile the decode step (default: on for CUDA only)
+    "--engine": ("process", "thread"),
 }
 
 
@@ -77,6 +84,21 @@ def settings_from_args(args: argparse.Namespace):  # -> Settings (import kept la
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if settings.engine == "process":
+        start_engine_forkserver()
     from xllm.server.app import serve
 
-    return serve(settings_from_args(args))
+    return serve(settings)
+
+
+def start_engine_forkserver() -> None:
+    """Start the process the engine will be forked from, importing torch and the engine there
+    while this process imports the server (the two imports take seconds each: in sequence they
+    would double the start-up time). Forking from it, unlike from this process, is safe: it has
+    no threads and has not touched CUDA."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    multiprocessing.set_forkserver_preload(["xllm.server.engine.process"])
+    multiprocessing.forkserver.ensure_running()

@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
 
+from xllm.server.engine.process import EngineProcess
 from xllm.server.engine.worker import Engine
 from xllm.server.metrics import Metrics
 from xllm.server.middleware import bearer_key_valid
@@ -27,7 +28,7 @@ class Runtime:
     metrics: Metrics
     api_keys: list[str] = field(default_factory=list)
     service: ChatService | None = None
-    engine: Engine | None = None
+    engine: Engine | EngineProcess | None = None
     draining: bool = False
     load_error: str | None = None
 

@@ -23,8 +23,8 @@ from typing import Any
 from xllm.model.config import Modality
 from xllm.model.generate import SamplingParams, sampling_params
 from xllm.model.media import MediaError, MediaLimits, decode_audio, decode_image, decode_video
+from xllm.model.preprocess import MediaPreparer, PreparedMedia
 from xllm.model.prompt import PromptError, bind_media
-from xllm.model.xllm import XLLM, PreparedMedia
 from xllm.server.engine.events import (
     EngineRequest,
     ErrorEvent,
@@ -33,6 +33,7 @@ from xllm.server.engine.events import (
     RequestHandle,
     Usage,
 )
+from xllm.server.engine.process import EngineProcess
 from xllm.server.engine.worker import Engine, EngineFull, EngineUnavailable
 from xllm.server.errors import ServingError
 from xllm.server.protocol import ChatCompletionRequest
@@ -85,14 +86,22 @@ class Generation:
     def request_id(self) -> str:
         return self.handle.request_id
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def event_batches(self) -> AsyncIterator[list[Event]]:
+        """The events as they come, several at once when several are already waiting: a stream
+        that fell behind catches up with one write instead of one per token."""
         if self._first is not None:
             first, self._first = self._first, None
-            yield first
+            yield [first]
         while not self.done:
-            event = await _next_event(self.handle, self._deadline, self._timeout)
-            self.done = isinstance(event, FinishEvent | ErrorEvent)
-            yield event
+            batch = [await _next_event(self.handle, self._deadline, self._timeout)]
+            batch += self.handle.ready_events()
+            self.done = isinstance(batch[-1], FinishEvent | ErrorEvent)  # always the last
+            yield batch
+
+    async def events(self) -> AsyncIterator[Event]:
+        async for batch in self.event_batches():
+            for event in batch:
+                yield event
 
     async def collect(self) -> Completion:
         parts = []
@@ -148,14 +157,14 @@ SAMPLING_FIELDS = (
 class ChatService:
     def __init__(
         self,
-        model: XLLM,
-        engine: Engine,
+        preparer: MediaPreparer,
+        engine: Engine | EngineProcess,
         limits: ServingLimits,
         executor: ThreadPoolExecutor,
         fetcher: RemoteMediaFetcher,
         model_name: str,
     ) -> None:
-        self.model = model
+        self.preparer = preparer
         self.engine = engine
         self.limits = limits
         self.executor = executor
@@ -175,10 +184,10 @@ class ChatService:
         params, max_tokens_given = self._params(chat.overrides)
         self._check_media_count(len(chat.media))
         for item in chat.media:
-            if item.kind not in self.model.modalities:
+            if item.kind not in self.preparer.modalities:
                 raise ServingError(
                     f"this model does not take {item.kind} input (it takes: "
-                    f"{', '.join(self.model.modalities) or 'text only'})",
+                    f"{', '.join(self.preparer.modalities) or 'text only'})",
                     400,
                 )
         self._check_prompt_size(chat.turns)
@@ -267,7 +276,7 @@ class ChatService:
             raise ServingError("seed must be between -2**63 and 2**64 - 1", 422)
         try:
             # max_tokens left open is settled by the engine once the prompt length is known.
-            params = sampling_params(self.model.config.sampling, **given)
+            params = sampling_params(self.preparer.config.sampling, **given)
         except ValueError as exc:
             raise ServingError(str(exc), 422) from None
         return params, "max_tokens" in given
@@ -286,13 +295,13 @@ class ChatService:
     def _decode_one(self, item: MediaInput) -> PreparedMedia:
         limits = self.limits.media
         if item.kind == "image":
-            return self.model.prepare("image", decode_image(item.data, limits))
+            return self.preparer.prepare("image", decode_image(item.data, limits))
         if item.kind == "audio":
-            return self.model.prepare("audio", decode_audio(item.data, limits))
-        ic = self.model.config.image_interface
+            return self.preparer.prepare("audio", decode_audio(item.data, limits))
+        ic = self.preparer.config.image_interface
         assert ic is not None
         video = decode_video(item.data, limits, fps=ic.video_fps, max_frames=ic.max_frames)
-        return self.model.prepare("video", video)
+        return self.preparer.prepare("video", video)
 
     # --- OpenAI request -> ChatInput ---
     async def from_openai(self, request: ChatCompletionRequest, request_id: str) -> ChatInput:

@@ -61,6 +61,24 @@ class Settings(BaseSettings):
         description="intra-op threads of the model worker on the CPU; default: cores - 1 "
         "(torch's one per core starves the event loop and the media pool)",
     )
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the decode step (static shapes per batch and kv-length "
+        "bucket; CUDA graphs on CUDA); default: on for CUDA, off for the CPU",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="CUDA: the share of the GPU's memory this server may use (weights, "
+        "activations, KV cache); the KV slots are sized from it, at most max_batch. Does not "
+        "apply on the CPU. Default: max_batch slots",
+    )
+    engine: Literal["process", "thread"] = Field(
+        "process",
+        description="where the model loop runs: its own process (a core and an interpreter of "
+        "its own) or a thread of the server process",
+    )
     log_format: Literal["json", "text"] = "json"
 
     _split = field_validator("cors_origins", "allow_remote_media", mode="before")(_split_list)

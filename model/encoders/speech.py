@@ -18,22 +18,16 @@ from xllm.model.encoders.vision import read_model_type
 MEL_FRAMES_PER_ENCODER_FRAME = 2
 
 
-class SpeechEncoder(nn.Module):
-    """16 kHz waveform of any length -> encoder frames (T, d_model) at 50 frames/s.
+class SpeechFeatures:
+    """Waveform -> Whisper log-mel windows: the speech encoder's preprocessing, without weights.
 
     Whisper's encoder only takes fixed windows (30 s for real checkpoints: `max_source_positions`
-    1500 frames). Longer audio is cut into consecutive windows, each encoded, and the frames that
-    cover real audio are concatenated in time; the padding frames of the last window are dropped.
+    1500 frames). Longer audio is cut into consecutive windows; `frames` says how many encoder
+    frames cover real audio, so the padding frames of the last window can be dropped later.
     """
 
-    def __init__(self, model: WhisperEncoder, feature_extractor: WhisperFeatureExtractor) -> None:
-        super().__init__()
-        self.model = model
+    def __init__(self, feature_extractor: WhisperFeatureExtractor) -> None:
         self.feature_extractor = feature_extractor
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.d_model
 
     @property
     def window_samples(self) -> int:
@@ -42,6 +36,47 @@ class SpeechEncoder(nn.Module):
     @property
     def samples_per_frame(self) -> int:
         return self.feature_extractor.hop_length * MEL_FRAMES_PER_ENCODER_FRAME
+
+    @classmethod
+    def from_pretrained(cls, path: Path, config: WhisperConfig | None = None) -> SpeechFeatures:
+        """The feature extractor saved with a Whisper checkpoint, checked against its encoder."""
+        config = config or WhisperConfig.from_pretrained(path)
+        extractor = WhisperFeatureExtractor.from_pretrained(path)
+        expected = config.max_source_positions * MEL_FRAMES_PER_ENCODER_FRAME
+        if extractor.nb_max_frames != expected:
+            raise ModelConfigError(
+                f"{path}: feature extractor windows ({extractor.nb_max_frames} mel frames) do not "
+                f"match the encoder ({expected})"
+            )
+        return cls(extractor)
+
+    def __call__(self, waveform: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Waveform (S,) -> (log-mel windows (W, n_mels, window_frames), encoder frames to keep)."""
+        window = self.window_samples
+        n_windows = max(1, math.ceil(len(waveform) / window))
+        chunks = [waveform[i * window : (i + 1) * window] for i in range(n_windows)]
+        features = self.feature_extractor(
+            chunks, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt"
+        )["input_features"]
+        frames = max(1, math.ceil(len(waveform) / self.samples_per_frame))
+        return features, frames
+
+
+class SpeechEncoder(nn.Module):
+    """Log-mel windows (W, n_mels, window_frames) -> encoder frames at 50 frames/s.
+
+    `features` turns a 16 kHz waveform of any length into windows; `join_windows` puts each
+    clip's windows back together in time, so long audio is never cut.
+    """
+
+    def __init__(self, model: WhisperEncoder, feature_extractor: WhisperFeatureExtractor) -> None:
+        super().__init__()
+        self.model = model
+        self.features = SpeechFeatures(feature_extractor)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.d_model
 
     @classmethod
     def from_pretrained(cls, path: Path) -> SpeechEncoder:
@@ -55,25 +90,8 @@ class SpeechEncoder(nn.Module):
             encoder = WhisperModel.from_pretrained(path, dtype=torch.float32).get_encoder()
         else:
             encoder = WhisperEncoder.from_pretrained(path, dtype=torch.float32)
-        extractor = WhisperFeatureExtractor.from_pretrained(path)
-        expected = encoder.config.max_source_positions * MEL_FRAMES_PER_ENCODER_FRAME
-        if extractor.nb_max_frames != expected:
-            raise ModelConfigError(
-                f"{path}: feature extractor windows ({extractor.nb_max_frames} mel frames) do not "
-                f"match the encoder ({expected})"
-            )
-        return cls(encoder.eval().requires_grad_(False), extractor)
-
-    def preprocess(self, waveform: np.ndarray) -> tuple[torch.Tensor, int]:
-        """Waveform (S,) -> (log-mel windows (W, n_mels, window_frames), encoder frames to keep)."""
-        window = self.window_samples
-        n_windows = max(1, math.ceil(len(waveform) / window))
-        chunks = [waveform[i * window : (i + 1) * window] for i in range(n_windows)]
-        features = self.feature_extractor(
-            chunks, sampling_rate=self.feature_extractor.sampling_rate, return_tensors="pt"
-        )["input_features"]
-        frames = max(1, math.ceil(len(waveform) / self.samples_per_frame))
-        return features, frames
+        features = SpeechFeatures.from_pretrained(path, encoder.config)
+        return cls(encoder.eval().requires_grad_(False), features.feature_extractor)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (W, n_mels, window_frames) -> (W, P, d_model); W may mix several clips."""

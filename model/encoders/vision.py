@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 from torch import nn
 from transformers import Blip2Config, Blip2VisionConfig, Blip2VisionModel
@@ -74,10 +73,6 @@ class VisionEncoder(nn.Module):
             )
         processor = BlipImageProcessorPil.from_pretrained(path)
         return cls(model.eval().requires_grad_(False), processor)
-
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """RGB images of any size -> pixel_values (N, 3, S, S), float32 on the CPU."""
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = self.model.embeddings.patch_embedding.weight.dtype

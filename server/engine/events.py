@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -106,6 +107,7 @@ class RequestHandle:
         self._mailbox = LoopMailbox.of(loop)
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self._cancel_callbacks: list[Callable[[], None]] = []
 
     def push(self, event: Event) -> None:
         """Thread-safe: called from the engine thread."""
@@ -114,5 +116,20 @@ class RequestHandle:
     async def next_event(self) -> Event:
         return await self._events.get()
 
+    def ready_events(self) -> list[Event]:
+        """The events already delivered and not yet taken (without waiting)."""
+        ready = []
+        while not self._events.empty():
+            ready.append(self._events.get_nowait())
+        return ready
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (once) when the request is cancelled: an engine elsewhere hears of it."""
+        self._cancel_callbacks.append(callback)
+
     def cancel(self) -> None:
+        if self.cancelled.is_set():
+            return
         self.cancelled.set()
+        for callback in self._cancel_callbacks:
+            callback()

@@ -4,10 +4,14 @@ Every iteration:
     1. take in submitted requests and drop cancelled ones (their slots free at once);
     2. admit waiting requests into free KV slots; encode their media in one batched call per
        encoder (outputs cached by content hash), lay out and embed their prompts;
-    3. run one prefill chunk (the oldest request still prefilling), so a long media prompt
-       never stalls the running streams for more than a chunk;
+    3. run prefill chunks, oldest request first, at most `prefill_chunk` positions in all (those
+       of consecutive slots in one forward): a burst of short prompts gets its first tokens in
+       one iteration, and a long media prompt never stalls the running streams for more than a
+       chunk;
     4. run one decode step for every sequence that is generating, each with its own sampling
-       parameters, and stream each new token to its request.
+       parameters, and stream each new token to its request. The step runs over the slot
+       prefix [0, B) (views of the KV cache, no gather; compiled on CUDA), so running sequences
+       are kept in the lowest slots (moved down when lower ones free up and nobody waits).
 A failure inside a step fails only the requests in that step; the others keep going. The worker
 stamps a heartbeat at every iteration: a step that runs past `stall_timeout` marks the worker as
 wedged (not alive), so /ready says 503 and the server's watchdog exits for the supervisor.
@@ -20,17 +24,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from xllm.model.generate import (
+    CompileOptions,
     IncrementalDetokenizer,
     SequenceState,
+    SlotDecoder,
     SlotKVCache,
     eos_token_ids,
-    forward_step,
+    kv_bytes_per_position,
     make_generator,
+    prefill_rows,
     sample_next,
 )
 from xllm.model.xllm import XLLM, EncodedMedia
@@ -62,6 +69,46 @@ class EngineConfig:
     default_max_tokens: int = 512
     encoder_cache_mb: int = 256
     stall_timeout: float | None = None  # seconds one iteration may take before "wedged"; None: off
+    # torch.compile the decode step (static shapes per batch and kv-length bucket; CUDA graphs
+    # on CUDA); None: on for CUDA, off for the CPU (inductor's compile time is not repaid there)
+    compile: bool | None = None
+    compile_backend: str = "inductor"  # tests check the bucketing with "aot_eager"
+    # On CUDA: the share of the GPU's memory this server may use (weights, activations and KV
+    # cache, like vLLM); the KV slots are sized from it, at most max_batch. None: max_batch slots.
+    gpu_memory_utilization: float | None = None
+
+
+# Outside the KV cache: the CUDA context's workspaces, cuBLAS and CUDA-graph pools (estimate).
+WORKSPACE_RESERVE_BYTES = 512 * 2**20
+
+
+def slots_for_memory(
+    *, free_bytes: int, total_bytes: int, utilization: float, slot_bytes: int, reserve_bytes: int
+) -> int:
+    """KV slots that fit this server's share of the GPU (vLLM's --gpu-memory-utilization).
+
+    The share is utilization x total memory; what is in use already (the loaded model, other
+    processes: total - free) and the activation reserve come off it; whole slots fill the rest.
+    Raises ValueError when not even one slot fits.
+    """
+    budget = int(utilization * total_bytes) - (total_bytes - free_bytes) - reserve_bytes
+    slots = max(budget, 0) // slot_bytes
+    if slots < 1:
+        raise ValueError(
+            f"gpu_memory_utilization {utilization:g} leaves {budget / 2**30:.2f} GiB for the KV "
+            f"cache, less than one slot ({slot_bytes / 2**30:.2f} GiB): raise it or lower "
+            "max_model_len"
+        )
+    return slots
+
+
+def activation_reserve_bytes(llm: torch.nn.Module, prefill_chunk: int, max_batch: int) -> int:
+    """Peak memory besides weights and KV cache, roughly: one prefill chunk's hidden and MLP
+    tensors and the decode step's float32 logits with their copies in sampling."""
+    config = llm.config.get_text_config()  # type: ignore[operator]
+    chunk = prefill_chunk * (4 * config.hidden_size + 3 * config.intermediate_size) * 4
+    logits = 4 * max_batch * config.vocab_size * 4
+    return chunk + logits + WORKSPACE_RESERVE_BYTES
 
 
 class EngineFull(Exception):
@@ -106,9 +153,11 @@ class Engine:
         self.observer = observer or EngineObserver()
         wanted = config.max_model_len or min(model.max_model_len, DEFAULT_MAX_MODEL_LEN)
         self.max_model_len = min(wanted, model.max_model_len)
+        self.config = config = replace(config, max_batch=self._num_slots(config))
         self.cache = SlotKVCache.for_model(
             model.llm, config.max_batch, self.max_model_len, model.device
         )
+        self.decoder = SlotDecoder(model.llm, self.cache, self._compile_options(config))
         self.scheduler: Scheduler[Job] = Scheduler(config.max_batch, config.prefill_chunk)
         self.encoder_cache = EncoderCache(config.encoder_cache_mb * 2**20)
         self.eos = eos_token_ids(model.llm, model.tokenizer)
@@ -124,6 +173,38 @@ class Engine:
         self._heartbeat = time.monotonic()  # start of the worker's latest iteration
         self._live: set[RequestHandle] = set()  # submitted and not yet finished (see abandon)
         self.fault_injector: Callable[[str], None] | None = None  # tests: raise inside a step
+
+    def _num_slots(self, config: EngineConfig) -> int:
+        """max_batch, or fewer where --gpu-memory-utilization leaves room for fewer (CUDA)."""
+        if config.gpu_memory_utilization is None:
+            return config.max_batch
+        if self.model.device.type != "cuda":
+            log.info(
+                "gpu_memory_utilization does not apply on the CPU: %d KV slots (max_batch)",
+                config.max_batch,
+            )
+            return config.max_batch
+        llm = self.model.llm
+        torch.cuda.empty_cache()  # blocks the allocator caches count as used otherwise
+        free, total = torch.cuda.mem_get_info(self.model.device)
+        fit = slots_for_memory(
+            free_bytes=free,
+            total_bytes=total,
+            utilization=config.gpu_memory_utilization,
+            slot_bytes=kv_bytes_per_position(llm) * self.max_model_len,
+            reserve_bytes=activation_reserve_bytes(llm, config.prefill_chunk, config.max_batch),
+        )
+        log.info(
+            "KV cache sized from GPU memory",
+            extra={"slots_that_fit": fit, "max_batch": config.max_batch, "free_bytes": free},
+        )
+        return min(fit, config.max_batch)
+
+    def _compile_options(self, config: EngineConfig) -> CompileOptions | None:
+        device = self.model.device
+        if not (device.type == "cuda" if config.compile is None else config.compile):
+            return None
+        return replace(CompileOptions.for_device(device), backend=config.compile_backend)
 
     # --- caller side (any thread) ---
     @property
@@ -145,6 +226,10 @@ class Engine:
     @property
     def started(self) -> bool:
         return self._thread is not None
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.cache.bytes
 
     @property
     def stalled_for(self) -> float:
@@ -254,7 +339,8 @@ class Engine:
                     self._wake.clear()
                     continue
                 self._admit()
-                self._prefill_one_chunk()
+                self._compact()
+                self._prefill()
                 self._decode_step()
                 self._report()
         except BaseException as exc:  # the worker must never die silently
@@ -383,49 +469,49 @@ class Engine:
         entry.prompt_len = prompt_len
         self.observer.tokens(prompt_len, 0)
 
-    def _prefill_one_chunk(self) -> None:
-        chunk = self.scheduler.next_prefill()
-        if chunk is None:
-            return
-        entry, start, end = chunk
-        job = entry.item
-        assert job.embeds is not None
-        try:
-            self._inject("prefill")
-            slot = torch.tensor([entry.slot], device=self.model.device)
-            logits = forward_step(
-                self.model.llm,
-                self.cache,
-                job.embeds[start:end][None],
-                slot,
-                torch.tensor([start], device=self.model.device),
-            )
-        except Exception as exc:
-            log.exception("prefill failed")
-            self._fail([entry], f"prefill failed: {exc}")
-            return
-        entry.prefilled = entry.length = end
-        if end < entry.prompt_len:
-            return
-        job.embeds = None
-        entry.phase = Phase.DECODE
-        self._sample([entry], logits)
+    def _compact(self) -> None:
+        """Keep the running sequences in the lowest slots: the decode batch is that prefix."""
+        for entry, old_slot in self.scheduler.compact():
+            self.cache.move(old_slot, entry.slot, entry.length)
+
+    def _prefill(self) -> None:
+        """Run this iteration's prefill chunks, those of consecutive slots in one forward (a
+        burst of admitted prompts holds consecutive slots); the prompts they complete get their
+        first token together. A failed forward fails only the requests in it."""
+        completed, rows = [], []
+        for run in _consecutive_slots(self.scheduler.next_prefills()):
+            pieces = []
+            for entry, start, end in run:
+                assert entry.item.embeds is not None
+                pieces.append((entry.item.embeds[start:end], start))
+            try:
+                self._inject("prefill")
+                logits = prefill_rows(self.model.llm, self.cache, run[0][0].slot, pieces)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._fail([entry for entry, _, _ in run], f"prefill failed: {exc}")
+                continue
+            for row, (entry, _, end) in enumerate(run):
+                entry.prefilled = entry.length = end
+                if end < entry.prompt_len:
+                    continue
+                entry.item.embeds = None
+                entry.phase = Phase.DECODE
+                completed.append(entry)
+                rows.append(logits[row : row + 1])
+        if completed:
+            self._sample(completed, torch.cat(rows))
 
     def _decode_step(self) -> None:
         batch = [e for e in self.scheduler.decoding() if e.item.next_token is not None]
         if not batch:
             return
-        device = self.model.device
         try:
             self._inject("decode")
-            tokens = torch.tensor([[e.item.next_token] for e in batch], device=device)
-            embeds = self.model.llm.get_input_embeddings()(tokens)  # (B, 1, H)
-            logits = forward_step(
-                self.model.llm,
-                self.cache,
-                embeds,
-                torch.tensor([e.slot for e in batch], device=device),
-                torch.tensor([e.length for e in batch], device=device),
+            logits = self.decoder(
+                [e.slot for e in batch],
+                [e.item.next_token for e in batch],  # type: ignore[misc]
+                [e.length for e in batch],
             )
         except Exception as exc:
             log.exception("decode step failed")
@@ -521,3 +607,17 @@ class Engine:
         self.observer.step(
             self.num_running, self.num_waiting, self.scheduler.used_positions / capacity
         )
+
+
+Chunk = tuple[Scheduled[Job], int, int]  # (entry, start, end) of a prompt chunk
+
+
+def _consecutive_slots(chunks: list[Chunk]) -> list[list[Chunk]]:
+    """Split chunks into runs whose slots follow each other (one prefill forward per run)."""
+    runs: list[list[Chunk]] = []
+    for chunk in sorted(chunks, key=lambda c: c[0].slot):
+        if runs and runs[-1][-1][0].slot + 1 == chunk[0].slot:
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs

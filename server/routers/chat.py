@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -15,10 +16,10 @@ from xllm.server.deps import (
     require_api_key,
     until_disconnected,
 )
-from xllm.server.engine.events import ErrorEvent, FinishEvent
+from xllm.server.engine.events import ErrorEvent, Event, FinishEvent
 from xllm.server.errors import ServingError, error_body
 from xllm.server.protocol import ChatReply, ChatStreamEvent, ChatTurn, ErrorResponse, UsageInfo
-from xllm.server.serving import ChatInput, ChatService, MediaInput
+from xllm.server.serving import ChatInput, ChatService, Generation, MediaInput
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
 
@@ -137,25 +138,29 @@ def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _sse(generation):
-    rid = generation.request_id
+async def _sse(generation: Generation) -> AsyncIterator[str]:
     try:
-        async for event in generation.events():
-            if isinstance(event, ErrorEvent):
-                yield sse(json.dumps(error_body(event.message, event.type, event.status)))
-                break
-            if isinstance(event, FinishEvent):
-                last = ChatStreamEvent(
-                    id=rid,
-                    delta=event.text,
-                    finish_reason=event.finish_reason,  # type: ignore[arg-type]
-                    usage=UsageInfo.of(event.usage),
-                )
-                yield sse(last.model_dump_json(exclude_none=True))
-            elif event.text:
-                yield sse(
-                    ChatStreamEvent(id=rid, delta=event.text).model_dump_json(exclude_none=True)
-                )
+        async for batch in generation.event_batches():
+            chunk = "".join(_sse_event(generation.request_id, event) for event in batch)
+            if chunk:
+                yield chunk
         yield sse("[DONE]")
     finally:
         generation.cancel()  # client gone mid-stream: free the slot at the next step
+
+
+def _sse_event(request_id: str, event: Event) -> str:
+    """One engine event as SSE (empty for a token that completes no text yet)."""
+    if isinstance(event, ErrorEvent):
+        return sse(json.dumps(error_body(event.message, event.type, event.status)))
+    if isinstance(event, FinishEvent):
+        last = ChatStreamEvent(
+            id=request_id,
+            delta=event.text,
+            finish_reason=event.finish_reason,  # type: ignore[arg-type]
+            usage=UsageInfo.of(event.usage),
+        )
+        return sse(last.model_dump_json(exclude_none=True))
+    if not event.text:
+        return ""
+    return sse(ChatStreamEvent(id=request_id, delta=event.text).model_dump_json(exclude_none=True))

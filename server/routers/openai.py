@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -15,7 +16,7 @@ from xllm.server.deps import (
     require_api_key,
     until_disconnected,
 )
-from xllm.server.engine.events import ErrorEvent, FinishEvent
+from xllm.server.engine.events import ErrorEvent, Event, FinishEvent
 from xllm.server.errors import error_body
 from xllm.server.protocol import (
     AssistantMessage,
@@ -80,7 +81,9 @@ async def _complete(service: ChatService, chat_input, created: int) -> ChatCompl
     )
 
 
-async def _chunks(service: ChatService, generation: Generation, created: int, include_usage: bool):
+async def _chunks(
+    service: ChatService, generation: Generation, created: int, include_usage: bool
+) -> AsyncIterator[str]:
     def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
         body = ChatCompletionChunk(
             id=generation.request_id,
@@ -90,25 +93,29 @@ async def _chunks(service: ChatService, generation: Generation, created: int, in
         )
         return sse(body.model_dump_json())
 
+    def render(event: Event) -> str:
+        if isinstance(event, ErrorEvent):
+            return sse(json.dumps(error_body(event.message, event.type, event.status)))
+        text = chunk(DeltaMessage(content=event.text)) if event.text else ""
+        if isinstance(event, FinishEvent):
+            text += chunk(DeltaMessage(), event.finish_reason)
+            if include_usage:
+                usage = ChatCompletionChunk(
+                    id=generation.request_id,
+                    created=created,
+                    model=service.model_name,
+                    choices=[],
+                    usage=UsageInfo.of(event.usage),
+                )
+                text += sse(usage.model_dump_json())
+        return text
+
     try:
         yield chunk(DeltaMessage(role="assistant", content=""))
-        async for event in generation.events():
-            if isinstance(event, ErrorEvent):
-                yield sse(json.dumps(error_body(event.message, event.type, event.status)))
-                break
-            if event.text:
-                yield chunk(DeltaMessage(content=event.text))
-            if isinstance(event, FinishEvent):
-                yield chunk(DeltaMessage(), event.finish_reason)
-                if include_usage:
-                    usage = ChatCompletionChunk(
-                        id=generation.request_id,
-                        created=created,
-                        model=service.model_name,
-                        choices=[],
-                        usage=UsageInfo.of(event.usage),
-                    )
-                    yield sse(usage.model_dump_json())
+        async for batch in generation.event_batches():  # several events: one write
+            text = "".join(render(event) for event in batch)
+            if text:
+                yield text
         yield sse("[DONE]")
     finally:
         generation.cancel()

@@ -52,40 +52,44 @@ def test_gpu_suite_runs_tiny_on_cpu(tmp_path: Path, capsys) -> None:
     assert report["tiny"] is True and report["finished"] is True
     assert report["errors"] == {} and report["skipped"] == []
     results = report["results"]
+    serving = ("throughput", "ttft_image")
     expected = {
         "build",
         "encoders",
-        *(f"engine_decode_b{b}" for b in (1, 16, 64)),
-        *(f"hf_decode_b{b}" for b in (1, 16, 64)),
-        "engine_throughput",
-        "engine_ttft_image",
+        *(f"{path}_decode_b{b}" for b in (1, 16, 64) for path in ("engine", "compiled", "hf")),
+        *(f"{path}_{what}" for path in ("engine", "compiled", "nf4_compiled") for what in serving),
         "nf4_quantize",
-        "nf4_engine_decode_b1",
-        "nf4_hf_decode_b1",
+        *(f"nf4_{path}_decode_b1" for path in ("engine", "compiled", "hf")),
     }
     assert set(results) == expected
     for name in expected:
         assert "peak_gpu_gb" in results[name]  # None on the CPU
         assert results[name]["seconds"] >= 0
     for batch in (1, 16, 64):
-        for path in ("engine", "hf"):
+        for path in ("engine", "compiled", "hf"):
             entry = results[f"{path}_decode_b{batch}"]
             assert entry["batch"] == batch and entry["ms_per_step"] > 0
             assert entry["steps"] == report["sizes"]["steps"]
-        assert results[f"engine_decode_b{batch}"]["all_finite"]
+        for path in ("engine", "compiled"):
+            assert results[f"{path}_decode_b{batch}"]["all_finite"]
+        assert results[f"compiled_decode_b{batch}"]["compiled"]
+        # compiled: the batch fills its bucket and kv_len the smallest kv bucket (the tiny ctx)
+        assert results[f"compiled_decode_b{batch}"]["shape"] == [batch, report["sizes"]["ctx"]]
     sizes = report["sizes"]
-    throughput = results["engine_throughput"]
-    assert throughput["error_count"] == 0
-    assert throughput["output_tokens"] == sizes["throughput_streams"] * sizes["throughput_tokens"]
-    assert throughput["output_tokens_per_s"] > 0
-    ttft = results["engine_ttft_image"]
-    assert ttft["image_requests"] == sizes["ttft_requests"] and ttft["ttft_p50_ms"] > 0
-    assert ttft["background_errors"] == []
-    assert all(n >= sizes["ttft_streams"] for n in ttft["running_at_submit"])
-    assert ttft["streams_still_decoding_at_end"] == sizes["ttft_streams"]
+    for path in ("engine", "compiled", "nf4_compiled"):
+        throughput = results[f"{path}_throughput"]
+        assert throughput["error_count"] == 0, throughput["errors"]
+        expected_tokens = sizes["throughput_streams"] * sizes["throughput_tokens"]
+        assert throughput["output_tokens"] == expected_tokens
+        assert throughput["output_tokens_per_s"] > 0
+        ttft = results[f"{path}_ttft_image"]
+        assert ttft["image_requests"] == sizes["ttft_requests"] and ttft["ttft_p50_ms"] > 0
+        assert ttft["background_errors"] == []
+        assert all(n >= sizes["ttft_streams"] for n in ttft["running_at_submit"])
+        assert ttft["streams_still_decoding_at_end"] == sizes["ttft_streams"]
     assert results["nf4_quantize"]["linear_layers_nf4"] > 0
     encoders = results["encoders"]
     assert encoders["image_x1_ms"] > 0 and encoders["image_x32_ms"] > 0
     assert not any(key.endswith("_error") for key in encoders), encoders
     table = (out / "gpu_suite.md").read_text()
-    assert "decode, batch 64" in table and "TTFT p50" in table
+    assert "decode, batch 64" in table and "TTFT p50" in table and "compiled engine path" in table

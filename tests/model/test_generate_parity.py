@@ -7,13 +7,15 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from xllm.model.checkpoint import load_model
 from xllm.model.generate import (
+    CompileOptions,
     IncrementalDetokenizer,
     SamplingParams,
     SequenceState,
+    SlotDecoder,
     SlotKVCache,
     eos_token_ids,
-    forward_step,
     generate,
     prefill,
     sample_next,
@@ -86,23 +88,31 @@ def test_greedy_equals_hf_generate(tiny_model, prompts, chunk: int, penalty: flo
     assert [d.finish_reason for d in deltas] == [None] * (STEPS - 1) + ["length"]
 
 
-def test_slot_batch_equals_hf_generate_per_prompt(tiny_model, prompts) -> None:
-    """Continuous batching: A starts alone, B joins, B leaves, C reuses B's slot; all greedy."""
+@pytest.mark.parametrize("compile", [None, CompileOptions(backend="aot_eager")])
+def test_slot_batch_equals_hf_generate_per_prompt(
+    tiny_model, tiny_model_dir, prompts, compile: CompileOptions | None
+) -> None:
+    """Continuous batching: A starts alone, B joins, B leaves, C reuses B's slot; all greedy.
+
+    Decode steps run over the slot prefix [0, B): slot 1 stays free (a masked row) and, compiled,
+    B and kv_len are padded to buckets (4 rows, 256 of the 1024 positions) as on a GPU.
+    """
     llm, device = tiny_model.llm, tiny_model.device
-    embed = llm.get_input_embeddings()
     budget = [3 + 2 * STEPS + 4, STEPS, STEPS]  # A outlives B and then runs beside C
     expected = [hf_greedy(llm, p, n) for p, n in zip(prompts, budget, strict=True)]
+    if compile is not None:  # compiling switches the model's attention: not the shared one
+        llm = load_model(tiny_model_dir, device="cpu", dtype="float32").llm
     eos = sorted(eos_token_ids(llm, tiny_model.tokenizer))
-    max_len = max(p.shape[0] for p in prompts) + max(budget)
-    cache = SlotKVCache.for_model(llm, num_slots=3, max_len=max_len, device=device)
+    cache = SlotKVCache.for_model(llm, num_slots=4, max_len=1024, device=device)
+    decoder = SlotDecoder(llm, cache, compile)
+    shapes = set()
 
     slot_of = {0: 2, 1: 0, 2: 0}  # prompt C (2) reuses prompt B's (1) slot after B is done
     tokens: dict[int, list[int]] = {}
     logits: dict[int, torch.Tensor] = {}
 
     def join(i: int) -> None:
-        slot = torch.tensor([slot_of[i]])
-        logits[i] = prefill(llm, cache, prompts[i], slot, chunk=16)
+        logits[i] = prefill(llm, cache, prompts[i], slot_of[i], chunk=16)
         tokens[i] = []
 
     def step() -> list[int]:
@@ -116,10 +126,10 @@ def test_slot_batch_equals_hf_generate_per_prompt(tiny_model, prompts) -> None:
         )
         for i, t in zip(running, new, strict=True):
             tokens[i].append(t)
-        embeds = embed(torch.tensor([[t] for t in new]))
-        starts = torch.tensor([prompts[i].shape[0] + len(tokens[i]) - 1 for i in running])
-        slots = torch.tensor([slot_of[i] for i in running])
-        out = forward_step(llm, cache, embeds, slots, starts)
+        slots = [slot_of[i] for i in running]
+        lengths = [prompts[i].shape[0] + len(tokens[i]) - 1 for i in running]
+        shapes.add(decoder.shape_for(slots, lengths))
+        out = decoder(slots, new, lengths)
         for row, i in enumerate(running):
             logits[i] = out[row : row + 1]
         return running
@@ -137,6 +147,51 @@ def test_slot_batch_equals_hf_generate_per_prompt(tiny_model, prompts) -> None:
         assert step() == [0]
     for i in range(3):
         assert tokens[i] == expected[i], f"prompt {i}"
+    if compile is not None:
+        assert shapes == {(4, 256)}
+    else:
+        assert {rows for rows, _ in shapes} == {3} and len(shapes) > 50  # exact kv_len per step
+
+
+def test_cache_update_writes_in_place_and_returns_views() -> None:
+    """A step's K/V land in the slots' buffers and attention reads views of them: no copy."""
+    cache = SlotKVCache(
+        2,
+        num_slots=4,
+        max_len=32,
+        kv_heads=2,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
+    cache.bind(1, torch.tensor([[5], [7]]), kv_len=8)  # rows: slots 1 and 2
+    new = torch.randn(2, 2, 1, 8)  # (B, kv_heads, q, head_dim)
+    keys, values = cache.update(new, -new, layer_idx=1)
+    assert keys.shape == (2, 2, 8, 8)
+    assert keys.data_ptr() == cache.keys[1][1].data_ptr()  # slot 1 starts the view
+    assert values.data_ptr() == cache.values[1][1].data_ptr()
+    assert torch.equal(cache.keys[1][1, :, 5], new[0, :, 0])
+    assert torch.equal(cache.values[1][2, :, 7], -new[1, :, 0])
+    assert cache.keys[1][[0, 3]].abs().sum() == 0  # other slots untouched
+    cache.move(2, 0, length=8)
+    assert torch.equal(cache.keys[1][0, :, 7], new[1, :, 0])
+
+
+def test_decode_step_reads_nothing_back_from_the_device(tiny_model, prompts, monkeypatch) -> None:
+    """Lengths come from the host: a step never waits for the device (CUDA graphs need that)."""
+    llm = tiny_model.llm
+    cache = SlotKVCache.for_model(llm, num_slots=2, max_len=128, device=tiny_model.device)
+    prefill(llm, cache, prompts[2], 1, chunk=16)
+    decoder = SlotDecoder(llm, cache)
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("the decode step read a value back from the device")
+
+    for method in ("item", "tolist", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, host_sync)
+    logits = decoder([1], [5], [prompts[2].shape[0]])
+    monkeypatch.undo()
+    assert logits.shape == (1, llm.config.vocab_size) and bool(torch.isfinite(logits).all())
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_model, prompts) -> None:

@@ -17,7 +17,7 @@ RATE = 16_000
 
 
 def encode(speech: SpeechEncoder, waveform: np.ndarray) -> tuple[torch.Tensor, int]:
-    features, frames = speech.preprocess(waveform)
+    features, frames = speech.features(waveform)
     with torch.no_grad():
         hidden = speech(features)
     (joined,) = speech.join_windows(hidden, [features.shape[0]], [frames])
@@ -26,13 +26,13 @@ def encode(speech: SpeechEncoder, waveform: np.ndarray) -> tuple[torch.Tensor, i
 
 def test_tiny_whisper_windows(tiny_model, media) -> None:
     speech = tiny_model.speech
-    assert speech.window_samples == 5 * RATE and speech.samples_per_frame == 320
+    assert speech.features.window_samples == 5 * RATE and speech.features.samples_per_frame == 320
     audio = media.waveform(12.0, seed=4)
     frames, windows = encode(speech, audio)
     assert windows == 3
     assert frames.shape == (math.ceil(len(audio) / 320), speech.hidden_size) == (600, 32)
     # Each window's frames are those of encoding that window on its own.
-    window = speech.window_samples
+    window = speech.features.window_samples
     for w in range(3):
         alone, n = encode(speech, audio[w * window : (w + 1) * window])
         assert n == 1
@@ -52,7 +52,7 @@ def test_tiny_whisper_windows(tiny_model, media) -> None:
 )
 def test_window_and_frame_counts(tiny_model, seconds: float, windows: int, frames: int) -> None:
     audio = np.zeros(round(seconds * RATE), np.float32)
-    features, keep = tiny_model.speech.preprocess(audio)
+    features, keep = tiny_model.speech.features(audio)
     assert features.shape == (windows, 80, 500)
     assert keep == frames == math.ceil(len(audio) / 320)
 
@@ -104,7 +104,7 @@ def whisper_30s_dir(tmp_path_factory) -> Path:
 
 def test_real_30s_windows(whisper_30s_dir: Path, media) -> None:
     speech = SpeechEncoder.from_pretrained(whisper_30s_dir)
-    assert speech.window_samples == 30 * RATE
+    assert speech.features.window_samples == 30 * RATE
     audio = media.waveform(65.0, seed=5)
     frames, windows = encode(speech, audio)
     assert windows == 3

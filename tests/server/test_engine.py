@@ -8,12 +8,18 @@ import pytest
 import torch
 
 from xllm.model.checkpoint import load_model
-from xllm.model.generate import SamplingParams, generate
+from xllm.model.generate import (
+    SamplingParams,
+    generate,
+    kv_bytes_per_position,
+    prefill_rows,
+)
 from xllm.model.prompt import bind_media
+from xllm.server.engine import worker
 from xllm.server.engine.encoder_cache import EncoderCache
 from xllm.server.engine.events import EngineRequest, ErrorEvent, FinishEvent, RequestHandle
 from xllm.server.engine.scheduler import Phase, Scheduler
-from xllm.server.engine.worker import Engine, EngineConfig, EngineFull
+from xllm.server.engine.worker import Engine, EngineConfig, EngineFull, slots_for_memory
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +33,60 @@ def test_scheduler_admits_oldest_first_and_reuses_slots():
     admitted = scheduler.admit()
     assert [e.item for e in admitted] == ["a", "b"] and [e.slot for e in admitted] == [0, 1]
     assert entries[2].phase is Phase.WAITING
-    entries[0].prompt_len = 10
-    assert scheduler.next_prefill() == (entries[0], 0, 4)
+    entries[0].prompt_len = entries[1].prompt_len = 10
+    assert scheduler.next_prefills() == [(entries[0], 0, 4)]
     entries[0].prefilled = 8
-    assert scheduler.next_prefill() == (entries[0], 8, 10)
+    assert scheduler.next_prefills() == [(entries[0], 8, 10)]
     scheduler.finish(entries[0])
     assert [e.item for e in scheduler.admit()] == ["c"] and entries[2].slot == 0
+
+
+def test_prefill_chunks_share_one_budget_per_iteration_and_keep_their_boundaries():
+    scheduler: Scheduler[str] = Scheduler(num_slots=4, prefill_chunk=8)
+    a, b, c, d = (scheduler.add(name) for name in "abcd")
+    scheduler.admit()
+    a.prompt_len, b.prompt_len, c.prompt_len, d.prompt_len = 3, 4, 20, 1
+    # Short prompts go together; c's chunk (8) no longer fits the 1 position left, and d,
+    # younger, waits behind it (oldest first).
+    assert scheduler.next_prefills() == [(a, 0, 3), (b, 0, 4)]
+    a.phase = b.phase = Phase.DECODE
+    # Alone, a long prompt is cut at multiples of prefill_chunk, one chunk per iteration.
+    assert scheduler.next_prefills() == [(c, 0, 8)]
+    c.prefilled = 16
+    assert scheduler.next_prefills() == [(c, 16, 20), (d, 0, 1)]
+
+
+def test_scheduler_compacts_running_entries_into_the_lowest_slots():
+    scheduler: Scheduler[str] = Scheduler(num_slots=4, prefill_chunk=4)
+    a, b, c, d = (scheduler.add(name) for name in "abcd")
+    scheduler.admit()
+    scheduler.finish(a)
+    scheduler.finish(c)
+    assert scheduler.compact() == [(d, 3)]  # d moves from slot 3 to slot 0; b stays in 1
+    assert (b.slot, d.slot) == (1, 0) and scheduler.compact() == []
+    e = scheduler.add("e")
+    scheduler.admit()
+    assert e.slot == 2  # the lowest free slot, not the latest freed
+
+
+GiB = 2**30
+
+
+def test_kv_slots_fit_the_share_of_gpu_memory():
+    # 80 GiB card, 20 GiB in use (model, other processes): 0.9 x 80 - 20 - 2 reserved = 50 GiB
+    fit = dict(free_bytes=60 * GiB, total_bytes=80 * GiB, utilization=0.9, reserve_bytes=2 * GiB)
+    assert slots_for_memory(**fit, slot_bytes=GiB) == 50
+    assert slots_for_memory(**fit, slot_bytes=3 * GiB) == 16  # whole slots only
+    with pytest.raises(ValueError, match="less than one slot"):
+        slots_for_memory(**{**fit, "utilization": 0.25}, slot_bytes=GiB)  # share < in use
+
+
+def test_gpu_memory_utilization_leaves_the_cpu_engine_alone(model, caplog):
+    with caplog.at_level("INFO", logger="xllm.engine"):
+        engine = Engine(model, EngineConfig(max_batch=3, gpu_memory_utilization=0.5))
+    assert engine.config.max_batch == 3 and engine.cache.num_slots == 3
+    assert engine.cache.bytes == 3 * engine.max_model_len * kv_bytes_per_position(model.llm)
+    assert "does not apply on the CPU" in caplog.text
 
 
 def test_encoder_cache_is_bounded_in_bytes():
@@ -43,7 +97,10 @@ def test_encoder_cache_is_bounded_in_bytes():
     assert cache.get("a") is None and cache.get("d") is not None
 
 
-async def run_requests(engine: Engine, prompts: list[str], params: SamplingParams) -> list:
+async def run_requests(
+    engine: Engine, prompts: list[str], params: SamplingParams, *, start: bool = False
+) -> list:
+    """Submit every prompt, then (start=True) start the engine, which admits them together."""
     loop = asyncio.get_running_loop()
     handles = []
     for i, prompt in enumerate(prompts):
@@ -54,6 +111,8 @@ async def run_requests(engine: Engine, prompts: list[str], params: SamplingParam
             EngineRequest(f"r{i}", messages, [], SamplingParams(**vars(params)), True), handle
         )
         handles.append(handle)
+    if start:
+        engine.start()
     results = []
     for handle in handles:
         tokens = []
@@ -69,15 +128,24 @@ async def run_requests(engine: Engine, prompts: list[str], params: SamplingParam
     return results
 
 
-def test_engine_matches_single_request_generate(model):
+@pytest.mark.parametrize(
+    ("prefill_chunk", "prefill_batch"),
+    [(3, 1), (256, 4)],  # chunked, one prompt per forward; the 4 admitted prompts in one forward
+)
+def test_engine_matches_single_request_generate(model, monkeypatch, prefill_chunk, prefill_batch):
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     prompts = [f"prompt number {i}" for i in range(5)]
-    engine = Engine(model, EngineConfig(max_batch=4, max_queue=4, prefill_chunk=3))
-    engine.start()
-    try:
-        results = asyncio.run(run_requests(engine, prompts, params))
-    finally:
-        engine.shutdown()
+    engine = Engine(model, EngineConfig(max_batch=4, max_queue=4, prefill_chunk=prefill_chunk))
+    rows_per_prefill = []
+
+    def counting(llm, cache, first_slot, chunks):
+        rows_per_prefill.append(len(chunks))
+        return prefill_rows(llm, cache, first_slot, chunks)
+
+    monkeypatch.setattr(worker, "prefill_rows", counting)
+    results = asyncio.run(run_requests(engine, prompts, params, start=True))
+    engine.shutdown()
+    assert max(rows_per_prefill) == prefill_batch
     for prompt, events in zip(prompts, results, strict=True):
         layout = model.layout(bind_media([("user", prompt)], []), [])
         with torch.inference_mode():
@@ -177,3 +245,65 @@ def test_media_of_requests_admitted_together_is_encoded_in_one_batch(model):
     assert all(isinstance(r, FinishEvent) for r in results)
     assert calls == [4]  # four slots admitted together: one vision call for four images
     assert engine.encoder_cache.hits == 1  # the fifth request reused the first one's encoding
+
+
+async def run_each(engine: Engine, prompts: list[str], max_tokens: list[int]) -> list[list[int]]:
+    """Submit every prompt at once (greedy, ignore_eos); each one's streamed tokens."""
+    loop = asyncio.get_running_loop()
+    handles = []
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens, strict=True)):
+        engine.reserve()
+        handle = RequestHandle(f"r{i}", loop)
+        params = SamplingParams(max_tokens=n, ignore_eos=True)
+        messages = bind_media([("user", prompt)], [])
+        engine.submit(EngineRequest(f"r{i}", messages, [], params, True), handle)
+        handles.append(handle)
+    tokens: list[list[int]] = []
+    for handle in handles:
+        events = []
+        while not isinstance(event := await handle.next_event(), FinishEvent | ErrorEvent):
+            events.append(event.token)
+        assert isinstance(event, FinishEvent), event
+        tokens.append(events)
+    return tokens
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_engine_decodes_the_same_tokens(model, tiny_model_dir, backend: str):
+    """Staggered lengths through 4 slots: requests join freed slots, later ones are compacted
+    into lower slots, and the compiled engine (bucketed static shapes) streams what the plain
+    one does, token for token."""
+    prompts = [f"prompt number {i}" for i in range(6)]
+    max_tokens = [2, 14, 3, 14, 4, 10]
+
+    def run(engine: Engine) -> list[list[int]]:
+        engine.start()
+        try:
+            return asyncio.run(run_each(engine, prompts, max_tokens))
+        finally:
+            engine.shutdown()
+
+    plain = run(Engine(model, EngineConfig(max_batch=4, prefill_chunk=5)))
+    compiled_model = load_model(tiny_model_dir, device="cpu")  # compiling switches its attention
+    config = EngineConfig(max_batch=4, prefill_chunk=5, compile=True, compile_backend=backend)
+    engine = Engine(compiled_model, config)
+    shapes: list[tuple[int, int]] = []
+    moves: list = []
+    shape_for, compact = engine.decoder.shape_for, engine.scheduler.compact
+
+    def recording_shape_for(*args) -> tuple[int, int]:
+        shapes.append(shape_for(*args))
+        return shapes[-1]
+
+    def recording_compact() -> list:
+        done = compact()
+        moves.extend(done)
+        return done
+
+    engine.decoder.shape_for = recording_shape_for  # type: ignore[method-assign]
+    engine.scheduler.compact = recording_compact  # type: ignore[method-assign]
+    compiled = run(engine)
+    assert compiled == plain
+    assert [len(t) + 1 for t in plain] == max_tokens  # the last token comes with FinishEvent
+    assert moves, "a request should have been moved into a lower slot"
+    assert {rows for rows, _ in shapes} <= {1, 2, 4} and {kv for _, kv in shapes} == {256}

@@ -1,0 +1,459 @@
+"""The engine in its own process: the model loop gets a core and an interpreter of its own.
+
+In one process the event loop (HTTP, SSE) and the model loop serialise on the GIL: on 2 CPUs the
+server used 0.8 of its 2 cores at 16 clients (docs/PERFORMANCE.md). Here the child process runs
+the same `Engine`; this side keeps the admission count and every request's handle. Each side
+queues its messages and a sender thread writes whatever has piled up as one list (`_Outbox`):
+
+    API process (EngineProcess)                      engine process (_engine_main)
+    submit ------------ ("submit", key, request) --> engine.reserve() + engine.submit()
+    handle.cancel() --- ("cancel", key) -----------> that request's cancelled flag
+    abort_all / shutdown --------------------------> the same on the engine
+    handles, metrics <- ("event", key, event) ------ the engine's events, and its observer calls
+                        ("observe", name, args)      (metric samples), in order; a decode step's
+                                                     events travel as one message
+    wedged / stalled_for <- a shared double: the start of the engine's current iteration
+
+Requests are keyed by a sequence number (X-Request-ID values come from clients and may repeat).
+If the child dies, every request in flight ends with an error event and `dead` is set, as when
+the worker thread of an in-process `Engine` dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xllm.server.engine.events import (
+    EngineRequest,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    RequestHandle,
+)
+from xllm.server.engine.worker import (
+    Engine,
+    EngineConfig,
+    EngineFull,
+    EngineObserver,
+    EngineUnavailable,
+)
+
+log = logging.getLogger("xllm.engine")
+
+Connection = multiprocessing.connection.Connection
+OBSERVER_METHODS = tuple(name for name in vars(EngineObserver) if not name.startswith("_"))
+HEARTBEAT_INTERVAL = 0.05  # seconds between the child's heartbeat stamps
+WORKER_FAILED = "the model worker failed; the request was not completed"
+
+
+class EngineLoadError(Exception):
+    """The engine process could not load the model (the message says why)."""
+
+
+@dataclass
+class EngineSpec:
+    """What the engine process needs to load the model and run the engine (picklable)."""
+
+    model_dir: Path
+    device: str
+    dtype: str
+    quantize: str
+    config: EngineConfig
+    torch_threads: int | None  # intra-op threads on the CPU; None: torch's default
+    log_format: str
+
+
+class EngineProcess:
+    """An `Engine` in a child process, with the in-process engine's interface for the server."""
+
+    def __init__(self, spec: EngineSpec, observer: EngineObserver | None = None) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.observer = observer or EngineObserver()
+        self.max_model_len = 0  # known once the child has loaded the model
+        self.kv_cache_bytes = 0
+        self.dead: BaseException | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._outbox: _Outbox | None = None
+        self._heartbeat: Any = None  # multiprocessing.Value("d"): monotonic seconds
+        self._lock = threading.Lock()
+        self._handles: dict[int, RequestHandle] = {}  # submitted, no final event yet
+        self._keys = itertools.count()
+        self._in_system = 0  # reserved and not yet finished
+        self._running = 0  # as of the engine's latest step report
+        self._stopping = False
+        self._closing = False
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        """Start the child and wait until its model is loaded; EngineLoadError if it is not."""
+        # Not fork: this process has threads (and may have touched CUDA). `xllm serve` starts the
+        # fork server early, with the engine's modules imported (server/cli.py).
+        context = multiprocessing.get_context("forkserver")
+        self._heartbeat = context.Value("d", time.monotonic(), lock=False)
+        conn, child_conn = context.Pipe()
+        self._process = context.Process(
+            target=_engine_main,
+            args=(self.spec, child_conn, self._heartbeat),
+            name="xllm-engine",
+        )
+        self._process.start()
+        child_conn.close()
+        self._conn = conn
+        self._outbox = _Outbox(conn, "xllm-engine-commands")
+        try:
+            kind, payload = self._receive_until_loaded(conn)
+        except EOFError:
+            self._process.join(5)
+            raise EngineLoadError(
+                f"the engine process exited while loading the model (exit code "
+                f"{self._process.exitcode})"
+            ) from None
+        if kind == "failed":
+            self._process.join(5)
+            raise EngineLoadError(payload)
+        self.config = payload["config"]
+        self.max_model_len = payload["max_model_len"]
+        self.kv_cache_bytes = payload["kv_cache_bytes"]
+        threading.Thread(target=self._read, name="xllm-engine-events", daemon=True).start()
+
+    def _receive_until_loaded(self, conn: Connection) -> tuple[str, Any]:
+        """Deliver the engine's first reports (metrics) until it says "ready" or "failed"."""
+        while True:
+            for item in conn.recv():
+                if item[0] in ("ready", "failed"):
+                    return item
+                self._deliver(item)
+
+    @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def stop_intake(self) -> None:
+        with self._lock:
+            self._stopping = True
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait for running work to end (intake stopped first); True when it all finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._in_system > 0 and self.alive:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def abort_all(self, message: str) -> None:
+        self._send(("abort_all", message))
+
+    def abandon(self, message: str) -> None:
+        """For a wedged engine: end every in-flight request here, without waiting for it."""
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            handle.push(ErrorEvent(message, 503, "unavailable"))
+
+    def shutdown(self) -> None:
+        wedged = self.wedged
+        self._stopping = self._closing = True
+        process = self._process
+        if process is None:
+            return
+        if not wedged:
+            self._send(("shutdown",))
+            with contextlib.suppress(OSError):
+                self._outbox.flush()  # type: ignore[union-attr]
+            process.join(10)
+        if process.is_alive():  # wedged: it cannot answer, so it cannot finish either
+            process.kill()
+            process.join(5)
+
+    # --- state ---
+    @property
+    def capacity(self) -> int:
+        return self.config.max_batch + self.config.max_queue
+
+    @property
+    def num_in_system(self) -> int:
+        return self._in_system
+
+    @property
+    def num_running(self) -> int:
+        return self._running
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self._in_system - self._running)
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the engine has spent in its current iteration (0 when it is not running)."""
+        if self._process is None or self.dead is not None or self._closing:
+            return 0.0
+        return max(0.0, time.monotonic() - self._heartbeat.value)
+
+    @property
+    def wedged(self) -> bool:
+        limit = self.config.stall_timeout
+        return bool(limit) and self.stalled_for > limit
+
+    @property
+    def alive(self) -> bool:
+        # No waitpid here (it runs for every request): a child that exits closes its end of the
+        # pipe, and the reader thread then sets `dead`.
+        return self._process is not None and self.dead is None and not self.wedged
+
+    # --- requests ---
+    def reserve(self) -> None:
+        """Claim a place before the (slow) media decoding; release() if the request never comes."""
+        with self._lock:
+            if self._stopping:
+                raise EngineUnavailable("the server is shutting down")
+            if self._process is not None and not self.alive:
+                raise EngineUnavailable(
+                    "the model worker is not responding"
+                    if self.wedged
+                    else "the model worker is not running"
+                )
+            if self._in_system >= self.capacity:
+                raise EngineFull(
+                    f"{self._in_system} requests are queued or running; try again shortly"
+                )
+            self._in_system += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._in_system -= 1
+
+    def submit(self, request: EngineRequest, handle: RequestHandle) -> None:
+        """Hand a reserved request to the engine process; its events arrive on `handle`."""
+        key = next(self._keys)
+        with self._lock:
+            self._handles[key] = handle
+        handle.on_cancel(lambda: self._send(("cancel", key)))
+        self._send(("submit", key, request))
+
+    def _send(self, message: tuple) -> None:
+        """Queue a command for the engine: a thread sends it, so the event loop never waits on
+        the pipe (a write that wakes the engine process can cost the writer its time slice)."""
+        if self._outbox is not None:
+            self._outbox.post(message)
+
+    def _read(self) -> None:
+        """Deliver the child's bursts of events until the pipe closes."""
+        assert self._conn is not None
+        try:
+            while True:
+                for item in self._conn.recv():
+                    self._deliver(item)
+        except (EOFError, OSError):
+            if not self._closing:
+                code = self._process.exitcode if self._process is not None else None
+                self._died(RuntimeError(f"the engine process exited (exit code {code})"))
+
+    def _deliver(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "observe":
+            _, name, args = item
+            if name == "step":
+                self._running = args[0]
+            getattr(self.observer, name)(*args)
+        elif kind == "event":
+            _, key, event = item
+            final = isinstance(event, (FinishEvent, ErrorEvent))
+            with self._lock:
+                handle = self._handles.pop(key, None) if final else self._handles.get(key)
+                if handle is not None and final:
+                    # Before the event: whoever sees the end also sees the place released.
+                    self._in_system -= 1
+            if handle is not None:
+                handle.push(event)
+        elif kind == "dead":
+            self._died(RuntimeError(item[1]))
+
+    def _died(self, error: BaseException) -> None:
+        if self.dead is None:
+            log.error("model worker died", extra={"error": str(error)})
+            self.dead = error
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            handle.push(ErrorEvent(WORKER_FAILED, 500))
+
+
+# --- the engine process ---
+class _Outbox:
+    """One direction of the pipe: messages are queued and a sender thread sends whatever has
+    piled up as one list, so a decode step's events for every running sequence travel together
+    and no caller waits on the pipe."""
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self._conn = conn
+        self._ready = threading.Condition()
+        self._items: list[tuple] = []
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def post(self, item: tuple) -> None:
+        with self._ready:
+            self._items.append(item)
+            self._ready.notify()
+
+    def flush(self) -> None:
+        """Send what is queued now, from the calling thread."""
+        with self._send_lock:
+            with self._ready:
+                items, self._items = self._items, []
+            if items:
+                self._conn.send(items)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._items:
+                    self._ready.wait()
+            try:
+                self.flush()
+            except (OSError, ValueError):  # the other side is gone; its reader reports that
+                return
+
+
+class _ChildHandle:
+    """The engine's view of a request in the child: push() forwards, cancel arrives by pipe."""
+
+    def __init__(self, key: int, outbox: _Outbox, on_final: Callable[[int], None]) -> None:
+        self.key = key
+        self.cancelled = threading.Event()
+        self._outbox = outbox
+        self._on_final = on_final
+
+    def push(self, event: Event) -> None:
+        if isinstance(event, (FinishEvent, ErrorEvent)):
+            self._on_final(self.key)
+        self._outbox.post(("event", self.key, event))
+
+
+class _ForwardingObserver(EngineObserver):
+    """Sends every observer call to the API process, where the metrics live."""
+
+    def __init__(self, outbox: _Outbox) -> None:
+        self._outbox = outbox
+
+
+def _forwarder(name: str) -> Callable[..., None]:
+    def forward(self: _ForwardingObserver, *args: Any) -> None:
+        self._outbox.post(("observe", name, args))
+
+    forward.__name__ = name
+    return forward
+
+
+for _name in OBSERVER_METHODS:
+    setattr(_ForwardingObserver, _name, _forwarder(_name))
+
+
+def _engine_main(spec: EngineSpec, conn: Connection, heartbeat: Any) -> None:
+    """Entry point of the engine process: load the model, run the engine, obey the pipe."""
+    from xllm.server.logs import setup_logging
+
+    setup_logging(spec.log_format)
+    # Ctrl-C and SIGTERM reach the whole process group: the API process decides when the engine
+    # stops (after draining) and tells it over the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    outbox = _Outbox(conn, "xllm-engine-events")
+    try:
+        engine = _load_engine(spec, _ForwardingObserver(outbox))
+    except Exception as exc:
+        log.exception("model failed to load")
+        outbox.post(("failed", str(exc)))
+        outbox.flush()
+        return
+    handles: dict[int, _ChildHandle] = {}
+    engine.start()
+    outbox.post(
+        (
+            "ready",
+            {
+                "config": engine.config,  # as the engine settled it (KV slots from GPU memory)
+                "max_model_len": engine.max_model_len,
+                "kv_cache_bytes": engine.kv_cache_bytes,
+            },
+        )
+    )
+    threading.Thread(target=_stamp_heartbeat, args=(engine, heartbeat, outbox), daemon=True).start()
+    try:
+        while _obey(conn.recv(), engine, handles, outbox):
+            pass
+    except (EOFError, OSError):  # the API process is gone
+        pass
+    engine.shutdown()
+    with contextlib.suppress(OSError):
+        outbox.flush()
+
+
+def _obey(
+    commands: list[tuple], engine: Engine, handles: dict[int, _ChildHandle], outbox: _Outbox
+) -> bool:
+    """Apply a burst of commands from the API process; False once told to shut down."""
+    for command in commands:
+        kind = command[0]
+        if kind == "submit":
+            _, key, request = command
+            handle = handles[key] = _ChildHandle(key, outbox, lambda k: handles.pop(k, None))
+            try:
+                engine.reserve()
+            except (EngineFull, EngineUnavailable) as exc:
+                handle.push(ErrorEvent(str(exc), 503, "unavailable"))
+                continue
+            engine.submit(request, handle)  # type: ignore[arg-type]
+        elif kind == "cancel":
+            handle = handles.get(command[1])
+            if handle is not None:
+                handle.cancelled.set()
+        elif kind == "abort_all":
+            engine.abort_all(command[1])
+        elif kind == "shutdown":
+            return False
+    return True
+
+
+def _load_engine(spec: EngineSpec, observer: EngineObserver) -> Engine:
+    import torch
+
+    from xllm.model.checkpoint import load_model
+
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    model = load_model(
+        spec.model_dir,
+        device=spec.device,
+        dtype=spec.dtype,
+        quantize=spec.quantize,  # type: ignore[arg-type]
+    )
+    return Engine(model, spec.config, observer)
+
+
+def _stamp_heartbeat(engine: Engine, heartbeat: Any, outbox: _Outbox) -> None:
+    """Publish the start of the engine's current iteration; report a dead engine once."""
+    while True:
+        heartbeat.value = time.monotonic() - engine.stalled_for
+        if engine.dead is not None:
+            outbox.post(("dead", f"the model worker died: {engine.dead!r}"))
+            return
+        time.sleep(HEARTBEAT_INTERVAL)

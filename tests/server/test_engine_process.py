@@ -1,0 +1,145 @@
+"""The engine in its own process (`xllm serve`'s default): the real server, the real child.
+
+Failures of the child are produced from outside, as the operating system would: SIGKILL (an
+out-of-memory kill) and SIGSTOP (a hang), on the child process found under the server's pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import ServerProcess
+
+
+def engine_pid(server: ServerProcess) -> int:
+    """The engine process's pid, from the server's "model ready" log line."""
+    lines = [json.loads(line) for line in server.log_text().splitlines() if "model ready" in line]
+    assert lines and lines[0]["engine"] == "process"
+    return lines[0]["engine_pid"]
+
+
+def gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, not yet reaped by its parent
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class Stream(threading.Thread):
+    """A long streaming request in the background; `events` are its SSE data payloads."""
+
+    def __init__(self, url: str, tokens: int = 1800) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.tokens = tokens
+        self.status = 0
+        self.events: list[str] = []
+
+    def run(self) -> None:
+        data = {"prompt": "go on", "stream": "true", "max_tokens": str(self.tokens)}
+        with httpx.stream("POST", f"{self.url}/chat", data={**data, "ignore_eos": "true"}) as r:
+            self.status = r.status_code
+            self.events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+    def wait_running(self, server: ServerProcess) -> None:
+        deadline = time.monotonic() + 20
+        while server.metric("xllm_num_requests_running") < 1:
+            assert time.monotonic() < deadline, server.log_text()
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def fresh_server(start_server):
+    """A server of its own (these tests kill its engine), tiny model, 2,048-token context."""
+    return lambda *flags: start_server("--max-model-len", "2048", *flags)
+
+
+def test_serve_runs_the_engine_in_a_child_process_that_ends_with_the_server(fresh_server):
+    server = fresh_server()
+    pid = engine_pid(server)
+    assert pid != server.process.pid
+    text = httpx.post(f"{server.url}/chat", data={"prompt": "hi", "max_tokens": "5"}).json()
+    assert text["usage"]["completion_tokens"] == 5
+    # Metrics are recorded in the child and counted here: the request shows in both families.
+    assert server.metric("xllm_generated_tokens_total") >= 5
+    assert server.metric("xllm_time_to_first_token_seconds_count") >= 1
+    server.process.kill()  # no drain, no goodbye: the child sees its pipe close and exits
+    server.process.wait(5)
+    assert gone(pid, 10)
+
+
+def test_a_killed_engine_process_fails_its_streams_and_the_server_exits_3(fresh_server):
+    server = fresh_server()
+    stream = Stream(server.url)
+    stream.start()
+    stream.wait_running(server)
+    os.kill(engine_pid(server), signal.SIGKILL)
+    stream.join(20)
+    assert stream.status == 200 and stream.events[-1] == "[DONE]"
+    error = json.loads(stream.events[-2])["error"]
+    assert error["code"] == 500 and "model worker failed" in error["message"]
+    server.process.wait(15)  # the watchdog: the supervisor restarts a whole server
+    assert server.process.returncode == 3
+    assert "engine process exited" in server.log_text()
+
+
+def test_a_hung_engine_process_is_detected_and_the_server_exits_3(fresh_server):
+    server = fresh_server("--stall-timeout", "1")
+    pid = engine_pid(server)
+    stream = Stream(server.url)
+    stream.start()
+    stream.wait_running(server)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        ready = httpx.get(f"{server.url}/ready", timeout=5)
+        deadline = time.monotonic() + 10
+        while ready.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            ready = httpx.get(f"{server.url}/ready", timeout=5)
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "model worker is not responding"
+        stream.join(20)
+        error = json.loads(stream.events[-2])["error"]
+        assert error["code"] == 503 and "stopped responding" in error["message"]
+        server.process.wait(20)
+        assert server.process.returncode == 3
+        assert gone(pid, 10)  # the server does not leave its stopped child behind
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_model_the_engine_process_cannot_load_is_a_clear_503(
+    start_server, tiny_model_dir, tmp_path
+):
+    import shutil
+
+    broken = Path(shutil.copytree(tiny_model_dir, tmp_path / "broken"))
+    for weights in (broken / "llm").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    server = start_server(model_dir=broken, ready=None)
+    deadline = time.monotonic() + 60
+    status = "loading"
+    while status == "loading" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
+            status = httpx.get(f"{server.url}/ready").json()["status"]
+    assert status.startswith("model failed to load"), status
+    r = httpx.post(f"{server.url}/chat", data={"prompt": "hi"})
+    assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+    assert "model ready" not in server.log_text()
