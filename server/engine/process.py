@@ -309,10 +309,13 @@ class _Outbox:
         self._send_lock = threading.Lock()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def post(self, item: tuple) -> None:
+    def post(self, item: tuple, *, wake: bool = True) -> None:
+        """Queue an item; wake=False leaves it for the next wake-up (the engine's tokens wait for
+        the end of their step, so a step costs one wake-up of the sender, not one per row)."""
         with self._ready:
             self._items.append(item)
-            self._ready.notify()
+            if wake:
+                self._ready.notify()
 
     def flush(self) -> None:
         """Send what is queued now, from the calling thread."""
@@ -343,13 +346,16 @@ class _ChildHandle:
         self._on_final = on_final
 
     def push(self, event: Event) -> None:
+        """From the engine thread: sent with the end of the engine's iteration (its `step`
+        report), which follows every push."""
         if isinstance(event, (FinishEvent, ErrorEvent)):
             self._on_final(self.key)
-        self._outbox.post(("event", self.key, event))
+        self._outbox.post(("event", self.key, event), wake=False)
 
 
 class _ForwardingObserver(EngineObserver):
-    """Sends every observer call to the API process, where the metrics live."""
+    """Sends every observer call to the API process, where the metrics live. `step` ends each
+    engine iteration: it sends the iteration's events and samples in one message."""
 
     def __init__(self, outbox: _Outbox) -> None:
         self._outbox = outbox
@@ -357,7 +363,7 @@ class _ForwardingObserver(EngineObserver):
 
 def _forwarder(name: str) -> Callable[..., None]:
     def forward(self: _ForwardingObserver, *args: Any) -> None:
-        self._outbox.post(("observe", name, args))
+        self._outbox.post(("observe", name, args), wake=name == "step")
 
     forward.__name__ = name
     return forward
@@ -420,6 +426,7 @@ def _obey(
                 engine.reserve()
             except (EngineFull, EngineUnavailable) as exc:
                 handle.push(ErrorEvent(str(exc), 503, "unavailable"))
+                outbox.flush()  # not from an engine iteration: nothing else would send it
                 continue
             engine.submit(request, handle)  # type: ignore[arg-type]
         elif kind == "cancel":
