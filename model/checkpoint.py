@@ -94,6 +94,15 @@ def load_interfaces(model: XLLM, path: Path) -> None:
             raise ModelConfigError(
                 f"{path}: '{name}' does not match xllm.json: {str(exc).splitlines()[-1].strip()}"
             ) from None
+        if name == "video_interface" and _only_video_qformer_missing(missing, unexpected):
+            # Saved before video had a Q-Former of its own, when it ran the image one: a copy of
+            # the image Q-Former (loaded just before) gives the same video tokens.
+            assert model.image_interface is not None and model.video_interface is not None
+            model.video_interface.qformer.load_state_dict(
+                model.image_interface.qformer.state_dict()
+            )
+            log.info("%s: no video Q-Former (an older checkpoint); video uses the image one", path)
+            continue
         if missing or unexpected:
             raise ModelConfigError(
                 f"{path}: '{name}' missing keys {missing[:5]}, unexpected {unexpected[:5]}"
@@ -103,13 +112,18 @@ def load_interfaces(model: XLLM, path: Path) -> None:
         raise ModelConfigError(f"{path}: weights for {extra}, which xllm.json does not configure")
 
 
+def _only_video_qformer_missing(missing: list[str], unexpected: list[str]) -> bool:
+    return bool(missing) and not unexpected and all(k.startswith("qformer.") for k in missing)
+
+
 def load_blip2_qformer(model: XLLM, path: Path) -> None:
-    """Initialise the I2L Q-Former and queries (and the video queries) from a BLIP-2 checkpoint."""
+    """Initialise the I2L and V2L Q-Formers and queries from a BLIP-2 checkpoint."""
     assert model.image_interface is not None and model.video_interface is not None
     qformer = load_prefixed_state_dict(path, "qformer.")
-    missing, _ = model.image_interface.qformer.load_state_dict(qformer, strict=False)
-    if missing:
-        raise ModelConfigError(f"{path}: Q-Former weights missing: {missing[:5]}")
+    for interface in (model.image_interface, model.video_interface):
+        missing, _ = interface.qformer.load_state_dict(qformer, strict=False)
+        if missing:
+            raise ModelConfigError(f"{path}: Q-Former weights missing: {missing[:5]}")
     queries = load_prefixed_state_dict(path, "query_tokens")[""]
     if queries.shape != model.image_interface.query_tokens.shape:
         raise ModelConfigError(

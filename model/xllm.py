@@ -63,10 +63,16 @@ class XLLM(nn.Module):
         self.speech_interface: CFormer | FrameStackProjector | None = None
         if vision is not None and config.image_interface is not None:
             ic = config.image_interface
-            qformer = build_qformer(ic.qformer, vision.hidden_size)
-            self.image_interface = ImageInterface(qformer, ic.num_query_tokens, llm_hidden)
+            self.image_interface = ImageInterface(
+                build_qformer(ic.qformer, vision.hidden_size), ic.num_query_tokens, llm_hidden
+            )
+            # Video has its own Q-Former of the same shape (a deviation from X-LLM, which shares
+            # the image one): see xllm.model.x2l.qformer.
             self.video_interface = VideoInterface(
-                qformer.config.hidden_size, ic.num_query_tokens, ic.max_frames, llm_hidden
+                build_qformer(ic.qformer, vision.hidden_size),
+                ic.num_query_tokens,
+                ic.max_frames,
+                llm_hidden,
             )
         if speech is not None and config.speech_interface is not None:
             sc = config.speech_interface
@@ -139,7 +145,7 @@ class XLLM(nn.Module):
                     out[visual[j]].append(("image", t))
             for j, i in enumerate(visual):
                 if items[i].kind == "video":
-                    out[i].append(("video", self.video_interface(patches[j], self.image_interface)))
+                    out[i].append(("video", self.video_interface(patches[j])))
         sound = [i for i, it in enumerate(items) if it.audio_features is not None]
         if sound:
             assert self.speech is not None and self.speech_interface is not None

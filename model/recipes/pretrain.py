@@ -456,15 +456,16 @@ def speak(
     return samples[:, 0], rate
 
 
-def speech_clip(args: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """16 kHz samples of one utterance, band-limited through a random rate as the toy data is."""
+def speech_clip(args: tuple[int, int, bool]) -> tuple[np.ndarray, str]:
+    """16 kHz samples of one utterance (in a training voice, or a held-out one), band-limited
+    through a random rate as the toy data is."""
     from xllm.model.recipes.world import utterance
     from xllm.model.train.toy import SAMPLE_RATES, resample
 
-    seed, index = args
+    seed, index, heldout = args
     rng = random.Random(f"speech/{seed}/{index}")
     text = utterance(rng)
-    samples, rate = speak(rng, text)
+    samples, rate = speak(rng, text, heldout=heldout)
     if rng.random() < 0.4:  # band-limited through a low rate, as 8-16 kHz files are
         target = rng.choice(SAMPLE_RATES[:3])
         samples = resample(samples, rate, target)
@@ -508,10 +509,10 @@ def pretrain_speech(
         config, d_model = model.config, model.config.d_model
         seed += 1000
 
-    def featurize(count: int, offset: int, desc: str):
+    def featurize(count: int, offset: int, desc: str, heldout: bool = False):
         feats, texts = [], []
         progress = bar(count, desc)
-        jobs_list = [(seed, offset + i) for i in range(count)]
+        jobs_list = [(seed, offset + i, heldout) for i in range(count)]
         # espeak-ng waits more than it computes: threads keep several running at once.
         with ThreadPoolExecutor(jobs) as pool:
             for samples, text in pool.map(speech_clip, jobs_list):
@@ -524,6 +525,8 @@ def pretrain_speech(
 
     features, texts = featurize(clips, 0, "speak clips")
     test_features, test_texts = featurize(150, 10_000_000, "speak test")
+    # Held-out voice variants and speeds (as the recipe's heldout-voices/ evaluation uses).
+    heldout_features, heldout_texts = featurize(150, 20_000_000, "speak held-out", heldout=True)
     # CTC classes: blank + the tokens the world's utterances use.
     vocab = sorted({i for t in texts + test_texts for i in tokenizer(t)["input_ids"]})
     index = {tok: k + 1 for k, tok in enumerate(vocab)}
@@ -568,22 +571,29 @@ def pretrain_speech(
     # Greedy CTC decoding on fresh clips: word error rate.
     model.eval()
     inverse = {k: tok for tok, k in index.items()}
-    errors = words = 0
-    with torch.no_grad():
-        for i in range(0, len(test_features), 64):
-            x = torch.from_numpy(test_features[i : i + 64].astype(np.float32))
-            best = head(model(input_features=x).last_hidden_state).argmax(-1)
-            for row, ref in zip(best.tolist(), test_texts[i : i + 64], strict=True):
-                out, prev = [], 0
-                for c in row:
-                    if c != prev and c != 0:
-                        out.append(inverse[c])
-                    prev = c
-                hyp = tokenizer.decode(out).split()
-                errors += edit_distance(ref.split(), hyp)
-                words += len(ref.split())
-    metrics = {"ctc_wer": errors / words}
-    log.info("speech encoder, CTC on fresh clips (training voices): %s", metrics)
+
+    def ctc_wer(features: np.ndarray, references: list[str]) -> float:
+        errors = words = 0
+        with torch.no_grad():
+            for i in range(0, len(features), 64):
+                x = torch.from_numpy(features[i : i + 64].astype(np.float32))
+                best = head(model(input_features=x).last_hidden_state).argmax(-1)  # (B, T)
+                for row, ref in zip(best.tolist(), references[i : i + 64], strict=True):
+                    out, prev = [], 0
+                    for c in row:
+                        if c != prev and c != 0:
+                            out.append(inverse[c])
+                        prev = c
+                    hyp = tokenizer.decode(out).split()
+                    errors += edit_distance(ref.split(), hyp)
+                    words += len(ref.split())
+        return errors / words
+
+    metrics = {
+        "ctc_wer": ctc_wer(test_features, test_texts),
+        "ctc_wer_heldout_voices": ctc_wer(heldout_features, heldout_texts),
+    }
+    log.info("speech encoder, CTC on fresh clips (training / held-out voices): %s", metrics)
     return model, extractor, metrics
 
 

@@ -72,13 +72,15 @@ class Scale:
     vision_batch: int = 48
     vision_tune_steps: int = 2500
     # speech encoder
-    whisper_hidden: int = 64
-    whisper_layers: int = 2
+    whisper_hidden: int = 96
+    whisper_layers: int = 4
     window_seconds: int = 4
-    speech_clips: int = 1600
-    speech_steps: int = 700
+    speech_clips: int = 4000
+    speech_steps: int = 2000
     speech_batch: int = 16
-    speech_tune_steps: int = 300
+    # 0: every CTC step is in the encoder's own phase (a continuation restarts the CTC head;
+    # with the narrow encoder it read CTC WER 31.7% after 300 steps, against 17.7% before)
+    speech_tune_steps: int = 0
     # interfaces
     qformer_hidden: int = 64
     qformer_layers: int = 2
@@ -94,7 +96,7 @@ class Scale:
             "stage1-image": (100, 32, 1e-3),
             "stage1-speech": (600, 16, 1e-3),
             "stage2-image": (1200, 16, 1e-3),
-            "stage2-video": (300, 8, 1e-3),
+            "stage2-video": (1500, 8, 1e-3),
             "stage2-speech": (1000, 16, 1e-3),
             "stage3": (200, 8, 3e-4),
         }
@@ -109,6 +111,8 @@ SMALL = Scale(
     vision_tune_steps=50,
     lm_tune_steps=50,
     speech_tune_steps=50,
+    whisper_hidden=64,  # the slow test checks the plumbing: the narrow encoder is enough
+    whisper_layers=2,
     speech_clips=400,
     speech_steps=150,
     data_n={"image": 96, "speech": 96, "video": 48, "mixed": 96},
@@ -274,12 +278,14 @@ class Recipe:
         return figures
 
     def speech_tune(self) -> dict[str, Any]:
-        """More CTC steps on fresh clips."""
+        """More CTC steps on fresh clips (a fresh CTC head on the pre-trained encoder)."""
         from transformers import AutoTokenizer
 
         from xllm.model.recipes.pretrain import pretrain_speech
 
         s = self.scale
+        if not s.speech_tune_steps:
+            return {"skipped": True}
         tokenizer = AutoTokenizer.from_pretrained(self.base / "llm")
         model, _, figures = pretrain_speech(
             tokenizer,
@@ -363,6 +369,11 @@ class Recipe:
                     "intermediate_size": 2 * s.qformer_hidden,
                     "cross_attention_frequency": 1,
                     "vocab_size": 64,
+                    # No dropout (BLIP-2's default is 0.1): with it the video Q-Former learned the
+                    # direction of motion several times slower (48% vs 93% of training clips
+                    # after 500 steps).
+                    "hidden_dropout_prob": 0.0,
+                    "attention_probs_dropout_prob": 0.0,
                 },
                 max_frames=s.max_frames,
                 video_fps=s.video_fps,

@@ -253,8 +253,9 @@ class Trainer:
         self.model.llm.gradient_checkpointing_enable(**kwargs)
         # HF only checkpoints modules in training mode; the frozen LLM has no dropout to turn on.
         self.model.llm.train()
-        if self.model.image_interface is not None:
-            self.model.image_interface.qformer.gradient_checkpointing_enable(**kwargs)
+        for interface in (self.model.image_interface, self.model.video_interface):
+            if interface is not None:
+                interface.qformer.gradient_checkpointing_enable(**kwargs)
 
     def _shard_llm(self) -> None:
         """FSDP2 over the frozen LLM's decoder layers: each rank keeps 1/world of their weights.

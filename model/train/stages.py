@@ -7,8 +7,9 @@ Stage 1 trains an interface without the LLM:
     speech: C-Former with the CIF quantity loss plus token cross-entropy: CIF fires exactly one
             vector per transcript token (LLM tokenizer), and a linear head reads the token back.
 Stage 2 aligns one interface with the frozen LLM (LM cross-entropy on answer tokens only):
-    image: Q-Former + image queries + projection; video: video queries + frame positions +
-    projection (initialised from the image interface); speech: C-Former + projection.
+    image: Q-Former + image queries + projection; video: its own Q-Former + video queries +
+    frame positions + projection (all initialised from the image interface; X-LLM shares the
+    image Q-Former and trains only queries and projection); speech: C-Former + projection.
 Stage 3 trains on mixed instructions; by default only the projections train (X-LLM's choice).
 
 Objectives are `nn.Module`s that own (register) only the interfaces and heads, never the frozen
@@ -149,13 +150,14 @@ def _named(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
 
 
 def init_video_from_image(model: XLLM) -> None:
-    """X-LLM starts V2L from I2L: video queries and projection copy the image ones."""
-    assert model.image_interface is not None and model.video_interface is not None
+    """X-LLM starts V2L from I2L: the video Q-Former, queries and projection copy the image ones
+    (frame positions stay zero, so the video path starts as the image path run per frame)."""
+    image, video = model.image_interface, model.video_interface
+    assert image is not None and video is not None
     with torch.no_grad():
-        model.video_interface.query_tokens.copy_(model.image_interface.query_tokens)
-        model.video_interface.projection.load_state_dict(
-            model.image_interface.projection.state_dict()
-        )
+        video.qformer.load_state_dict(image.qformer.state_dict())
+        video.query_tokens.copy_(image.query_tokens)
+        video.projection.load_state_dict(image.projection.state_dict())
 
 
 # --- objectives ---------------------------------------------------------------------------

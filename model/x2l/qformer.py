@@ -1,8 +1,11 @@
 """I2L and V2L interfaces: BLIP-2's Q-Former turns encoder patches into a few query tokens.
 
-Images and video frames share one `Blip2QFormerModel` (X-LLM initialises the video interface from
-the image one and trains only the video queries and projection in stage 2); each has its own
-learned queries and projection into the LLM, and video adds learned frame-position embeddings.
+Images and video frames each have their own `Blip2QFormerModel`, learned queries and projection
+into the LLM; video adds learned frame-position embeddings. X-LLM shares the image Q-Former with
+video and trains only the video queries and projection; xllm gives video its own Q-Former
+(initialised from the image one at stage 2 video, see `init_video_from_image`) and trains its
+cross-attention too: through the frozen image Q-Former the toy-world demo model stayed at chance
+on the direction of motion (its cross-attention was trained to pool colour and shape, not place).
 """
 
 from __future__ import annotations
@@ -52,33 +55,35 @@ class ImageInterface(nn.Module):
         return self.projection(self.query(patches, self.query_tokens))
 
 
-class VideoInterface(nn.Module):
+class VideoInterface(ImageInterface):
     """frame patches (T, P, Dv) of one clip -> LLM tokens (T * Q, H), frames in time order.
 
-    Runs the image interface's Q-Former (passed in, not owned) with the video queries; frame t's
-    query outputs get the learned temporal embedding t before the projection.
+    Each frame is queried on its own (by this interface's own Q-Former and video queries); frame
+    t's query outputs get the learned temporal embedding t before the projection.
     """
 
     def __init__(
-        self, qformer_hidden: int, num_query_tokens: int, max_frames: int, llm_hidden: int
-    ):
-        super().__init__()
-        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, qformer_hidden) * 0.02)
-        self.frame_position = nn.Embedding(max_frames, qformer_hidden)
+        self,
+        qformer: Blip2QFormerModel,
+        num_query_tokens: int,
+        max_frames: int,
+        llm_hidden: int,
+    ) -> None:
+        super().__init__(qformer, num_query_tokens, llm_hidden)
+        self.frame_position = nn.Embedding(max_frames, qformer.config.hidden_size)
         nn.init.zeros_(self.frame_position.weight)  # starts as the image path, learns order
-        self.projection = nn.Linear(qformer_hidden, llm_hidden)
 
     @property
     def max_frames(self) -> int:
         return self.frame_position.num_embeddings
 
-    def forward(self, frame_patches: torch.Tensor, image: ImageInterface) -> torch.Tensor:
+    def forward(self, frame_patches: torch.Tensor) -> torch.Tensor:
         frames = frame_patches.shape[0]
         if frames > self.max_frames:
             raise ValueError(
                 f"video has {frames} frames; this model takes at most {self.max_frames}"
             )
-        tokens = image.query(frame_patches, self.query_tokens)  # (T, Q, Dq)
+        tokens = self.query(frame_patches, self.query_tokens)  # (T, Q, Dq)
         positions = torch.arange(frames, device=tokens.device)
         tokens = tokens + self.frame_position(positions)[:, None, :]
         return self.projection(tokens).reshape(-1, self.projection.out_features)

@@ -42,6 +42,7 @@ from xllm.server.engine.events import (
     RequestHandle,
 )
 from xllm.server.engine.worker import (
+    AdmissionControl,
     Engine,
     EngineConfig,
     EngineFull,
@@ -74,10 +75,11 @@ class EngineSpec:
     log_format: str
 
 
-class EngineProcess:
+class EngineProcess(AdmissionControl):
     """An `Engine` in a child process, with the in-process engine's interface for the server."""
 
     def __init__(self, spec: EngineSpec, observer: EngineObserver | None = None) -> None:
+        super().__init__()
         self.spec = spec
         self.config = spec.config
         self.observer = observer or EngineObserver()
@@ -88,12 +90,9 @@ class EngineProcess:
         self._conn: Connection | None = None
         self._outbox: _Outbox | None = None
         self._heartbeat: Any = None  # multiprocessing.Value("d"): monotonic seconds
-        self._lock = threading.Lock()
         self._handles: dict[int, RequestHandle] = {}  # submitted, no final event yet
         self._keys = itertools.count()
-        self._in_system = 0  # reserved and not yet finished
         self._running = 0  # as of the engine's latest step report
-        self._stopping = False
         self._closing = False
 
     # --- lifecycle ---
@@ -145,19 +144,6 @@ class EngineProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def stop_intake(self) -> None:
-        with self._lock:
-            self._stopping = True
-
-    def join(self, timeout: float | None) -> bool:
-        """Wait for running work to end (intake stopped first); True when it all finished."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._in_system > 0 and self.alive:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
-
     def abort_all(self, message: str) -> None:
         self._send(("abort_all", message))
 
@@ -185,20 +171,8 @@ class EngineProcess:
 
     # --- state ---
     @property
-    def capacity(self) -> int:
-        return self.config.max_batch + self.config.max_queue
-
-    @property
-    def num_in_system(self) -> int:
-        return self._in_system
-
-    @property
     def num_running(self) -> int:
         return self._running
-
-    @property
-    def num_waiting(self) -> int:
-        return max(0, self._in_system - self._running)
 
     @property
     def stalled_for(self) -> float:
@@ -208,38 +182,12 @@ class EngineProcess:
         return max(0.0, time.monotonic() - self._heartbeat.value)
 
     @property
-    def wedged(self) -> bool:
-        limit = self.config.stall_timeout
-        return bool(limit) and self.stalled_for > limit
-
-    @property
     def alive(self) -> bool:
         # No waitpid here (it runs for every request): a child that exits closes its end of the
         # pipe, and the reader thread then sets `dead`.
         return self._process is not None and self.dead is None and not self.wedged
 
     # --- requests ---
-    def reserve(self) -> None:
-        """Claim a place before the (slow) media decoding; release() if the request never comes."""
-        with self._lock:
-            if self._stopping:
-                raise EngineUnavailable("the server is shutting down")
-            if self._process is not None and not self.alive:
-                raise EngineUnavailable(
-                    "the model worker is not responding"
-                    if self.wedged
-                    else "the model worker is not running"
-                )
-            if self._in_system >= self.capacity:
-                raise EngineFull(
-                    f"{self._in_system} requests are queued or running; try again shortly"
-                )
-            self._in_system += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._in_system -= 1
-
     def submit(self, request: EngineRequest, handle: RequestHandle) -> None:
         """Hand a reserved request to the engine process; its events arrive on `handle`."""
         key = next(self._keys)

@@ -144,10 +144,98 @@ class Job:
     last_token_at: float = 0.0
 
 
-class Engine:
+class AdmissionControl:
+    """The caller's side shared by the in-process engine and the engine process: places (queued
+    or running requests) claimed before a request's media are decoded, intake that stops for a
+    drain, and the liveness checks that turn requests away (503) when the engine is down.
+
+    Subclasses provide `config`, `dead`, `started`, `alive`, `stalled_for` and `num_running`, and
+    give a place back (`_in_system -= 1` under `_lock`) when a request ends.
+    """
+
+    config: EngineConfig
+    dead: BaseException | None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_system = 0  # places claimed and not yet given back (waiting or running)
+        self._stopping = False
+
+    @property
+    def started(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def stalled_for(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def num_running(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def capacity(self) -> int:
+        return self.config.max_batch + self.config.max_queue
+
+    @property
+    def num_in_system(self) -> int:
+        return self._in_system
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self._in_system - self.num_running)
+
+    @property
+    def wedged(self) -> bool:
+        """The engine lives but one iteration has run past `stall_timeout` (a hang)."""
+        limit = self.config.stall_timeout
+        return bool(limit) and self.stalled_for > limit
+
+    def reserve(self) -> None:
+        """Claim a place before the (slow) media decoding; release() if the request never comes."""
+        with self._lock:
+            if self._stopping:
+                raise EngineUnavailable("the server is shutting down")
+            # Before start() requests may queue; once started, a dead engine takes none.
+            if self.dead is not None or (self.started and not self.alive):
+                raise EngineUnavailable(
+                    "the model worker is not responding"
+                    if self.wedged
+                    else "the model worker is not running"
+                )
+            if self._in_system >= self.capacity:
+                raise EngineFull(
+                    f"{self._in_system} requests are queued or running; try again shortly"
+                )
+            self._in_system += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._in_system -= 1
+
+    def stop_intake(self) -> None:
+        with self._lock:
+            self._stopping = True
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait for running work to end (intake stopped first); True when it all finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._in_system > 0 and self.alive:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+
+class Engine(AdmissionControl):
     def __init__(
         self, model: XLLM, config: EngineConfig, observer: EngineObserver | None = None
     ) -> None:
+        super().__init__()
         self.model = model
         self.config = config
         self.observer = observer or EngineObserver()
@@ -163,9 +251,6 @@ class Engine:
         self.eos = eos_token_ids(model.llm, model.tokenizer)
         self._inbox: queue.Queue[Job] = queue.Queue()
         self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._in_system = 0  # submitted and not yet finished (waiting or running)
-        self._stopping = False
         self._exit = False
         self._abort_message: str | None = None
         self._thread: threading.Thread | None = None
@@ -208,20 +293,8 @@ class Engine:
 
     # --- caller side (any thread) ---
     @property
-    def capacity(self) -> int:
-        return self.config.max_batch + self.config.max_queue
-
-    @property
-    def num_in_system(self) -> int:
-        return self._in_system
-
-    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return max(0, self._in_system - self.num_running)
 
     @property
     def started(self) -> bool:
@@ -239,12 +312,6 @@ class Engine:
         return time.monotonic() - self._heartbeat
 
     @property
-    def wedged(self) -> bool:
-        """The worker thread lives but one iteration has run past `stall_timeout` (a hang)."""
-        limit = self.config.stall_timeout
-        return bool(limit) and self.stalled_for > limit
-
-    @property
     def alive(self) -> bool:
         return (
             self._thread is not None
@@ -252,28 +319,6 @@ class Engine:
             and self.dead is None
             and not self.wedged
         )
-
-    def reserve(self) -> None:
-        """Claim a place before the (slow) media decoding; release() if the request never comes."""
-        with self._lock:
-            if self._stopping:
-                raise EngineUnavailable("the server is shutting down")
-            # Before start() requests may queue; once started, a dead worker takes none.
-            if self.dead is not None or (self._thread is not None and not self.alive):
-                raise EngineUnavailable(
-                    "the model worker is not responding"
-                    if self.wedged
-                    else "the model worker is not running"
-                )
-            if self._in_system >= self.capacity:
-                raise EngineFull(
-                    f"{self._in_system} requests are queued or running; try again shortly"
-                )
-            self._in_system += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._in_system -= 1
 
     def submit(self, request: EngineRequest, handle: RequestHandle) -> None:
         """Hand a reserved request to the worker; its events arrive on `handle`."""
@@ -286,19 +331,6 @@ class Engine:
         self._heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
         self._thread.start()
-
-    def stop_intake(self) -> None:
-        with self._lock:
-            self._stopping = True
-
-    def join(self, timeout: float | None) -> bool:
-        """Wait for running work to end (intake stopped first); True when it all finished."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._in_system > 0 and self.alive:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
 
     def abort_all(self, message: str) -> None:
         """Thread-safe: every queued and running request ends with an error event."""

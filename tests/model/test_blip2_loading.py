@@ -112,9 +112,12 @@ def test_vision_tower_and_qformer_equal_blip2(xllm_dir: Path, blip2) -> None:
     with torch.no_grad():
         torch.testing.assert_close(interface(patches), interface.projection(expected))
 
-    # X-LLM: the video queries start as a copy of the image queries.
+    # X-LLM: the video queries start as a copy of the image queries; so does video's Q-Former.
     torch.testing.assert_close(model.video_interface.query_tokens, blip2.query_tokens)
     assert model.video_interface.query_tokens.data_ptr() != interface.query_tokens.data_ptr()
+    video_qformer = model.video_interface.qformer.state_dict()
+    for key, value in blip2.qformer.state_dict().items():
+        torch.testing.assert_close(video_qformer[key], value, rtol=0, atol=0)
 
 
 def test_image_preprocessing_is_the_checkpoints(xllm_dir: Path, blip2_dir: Path, media) -> None:

@@ -25,10 +25,11 @@ QFORMER_KWARGS = {
 @pytest.fixture(scope="module")
 def interfaces() -> tuple[ImageInterface, VideoInterface]:
     torch.manual_seed(0)
-    qformer = build_qformer(QFORMER_KWARGS, VISION_HIDDEN)
-    image = ImageInterface(qformer, QUERIES, LLM_HIDDEN).eval()
-    video = VideoInterface(QFORMER_HIDDEN, QUERIES, max_frames=6, llm_hidden=LLM_HIDDEN).eval()
-    return image, video
+    image = ImageInterface(build_qformer(QFORMER_KWARGS, VISION_HIDDEN), QUERIES, LLM_HIDDEN)
+    video = VideoInterface(
+        build_qformer(QFORMER_KWARGS, VISION_HIDDEN), QUERIES, max_frames=6, llm_hidden=LLM_HIDDEN
+    )
+    return image.eval(), video.eval()
 
 
 def patches(n: int, seed: int = 0) -> torch.Tensor:
@@ -50,23 +51,23 @@ def test_image_interface_shape_and_per_image_independence(interfaces) -> None:
 
 @torch.no_grad()
 def test_video_interface_shape_and_frame_order(interfaces) -> None:
-    image, video = interfaces
+    _, video = interfaces
     frames = patches(4, seed=1)
-    out = video(frames, image)
+    out = video(frames)
     assert out.shape == (4 * QUERIES, LLM_HIDDEN)
 
     perm = torch.tensor([2, 0, 3, 1])
     per_frame = out.reshape(4, QUERIES, LLM_HIDDEN)
     # Frame-position weights start at zero: a permuted clip is then just permuted tokens.
-    permuted = video(frames[perm], image).reshape(4, QUERIES, LLM_HIDDEN)
+    permuted = video(frames[perm]).reshape(4, QUERIES, LLM_HIDDEN)
     torch.testing.assert_close(permuted, per_frame[perm], atol=1e-5, rtol=1e-5)
 
     # With learned (non-zero) temporal embeddings the order of the frames matters.
     original = video.frame_position.weight.detach().clone()
     try:
         video.frame_position.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
-        ordered = video(frames, image).reshape(4, QUERIES, LLM_HIDDEN)
-        shuffled = video(frames[perm], image).reshape(4, QUERIES, LLM_HIDDEN)
+        ordered = video(frames).reshape(4, QUERIES, LLM_HIDDEN)
+        shuffled = video(frames[perm]).reshape(4, QUERIES, LLM_HIDDEN)
         # frame t's tokens depend on its position: moving frame 2 to slot 0 changes its tokens
         assert (shuffled - ordered[perm]).abs().max() > 1e-2
         assert not torch.allclose(ordered, per_frame)  # the temporal table is really added
@@ -75,19 +76,36 @@ def test_video_interface_shape_and_frame_order(interfaces) -> None:
 
 
 @torch.no_grad()
-def test_video_interface_uses_video_queries_not_image_queries(interfaces) -> None:
+def test_video_interface_owns_its_qformer_queries_and_projection(interfaces) -> None:
     image, video = interfaces
     frames = patches(2, seed=4)
-    as_images = image.projection(image.query(frames, image.query_tokens))
-    as_video = video(frames, image).reshape(2, QUERIES, LLM_HIDDEN)
+    as_images = image(frames)  # (2, Q, H)
+    as_video = video(frames).reshape(2, QUERIES, LLM_HIDDEN)
     assert not torch.allclose(as_images, as_video)
+    # Video trains its own Q-Former (xllm's deviation from X-LLM): no weight is shared.
+    image_storage = {p.data_ptr() for p in image.parameters()}
+    assert video.qformer is not image.qformer
+    assert not image_storage & {p.data_ptr() for p in video.parameters()}
+    # A video Q-Former with the image one's weights (and zero frame positions) is the image path
+    # run per frame; changing only the video Q-Former changes only the video tokens.
+    copy = VideoInterface(
+        build_qformer(QFORMER_KWARGS, VISION_HIDDEN), QUERIES, max_frames=6, llm_hidden=LLM_HIDDEN
+    ).eval()
+    copy.load_state_dict(
+        {**image.state_dict(), "frame_position.weight": torch.zeros(6, QFORMER_HIDDEN)}
+    )
+    torch.testing.assert_close(copy(frames).reshape(2, QUERIES, LLM_HIDDEN), as_images)
+    for param in copy.qformer.parameters():
+        param.add_(0.05)
+    assert not torch.allclose(copy(frames).reshape(2, QUERIES, LLM_HIDDEN), as_images)
+    torch.testing.assert_close(image(frames), as_images)
 
 
 def test_video_interface_rejects_too_many_frames(interfaces) -> None:
-    image, video = interfaces
-    video(patches(video.max_frames), image)  # exactly max_frames is fine
+    _, video = interfaces
+    video(patches(video.max_frames))  # exactly max_frames is fine
     with pytest.raises(ValueError, match="at most 6"):
-        video(patches(video.max_frames + 1), image)
+        video(patches(video.max_frames + 1))
 
 
 @pytest.mark.parametrize("stack", [1, 3, 5])

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.train.conftest import TOY_ROWS
@@ -104,3 +105,51 @@ def test_trained_model_generates_and_loads(tiny_model_dir: Path, toy_dir: Path, 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_video_stage_trains_its_own_qformer_from_the_image_one(
+    tiny_model_dir: Path, toy_dir: Path, tmp_path: Path
+) -> None:
+    """Stage 2 video copies the image Q-Former, queries and projection into the video interface
+    and trains the video Q-Former (cross-attention included); the image interface is untouched."""
+    from xllm.model.checkpoint import load_model
+    from xllm.model.train.stages import init_video_from_image
+
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    image, video = model.image_interface, model.video_interface
+    assert image is not None and video is not None
+    init_video_from_image(model)
+    for name, value in image.state_dict().items():
+        torch.testing.assert_close(video.state_dict()[name], value)
+    assert not {p.data_ptr() for p in image.parameters()} & {
+        p.data_ptr() for p in video.parameters()
+    }
+
+    out = tmp_path / "out"
+    train(
+        tiny_model_dir,
+        toy_dir / "video_train.jsonl",
+        out,
+        "--stage",
+        "2",
+        "--modality",
+        "video",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+    )
+    before = load_file(str(tiny_model_dir / "interfaces.safetensors"))
+    after = load_file(str(out / "interfaces.safetensors"))
+    for name, value in before.items():
+        if name.startswith("image_interface."):
+            torch.testing.assert_close(after[name], value)
+    cross = [k for k in after if k.startswith("video_interface.qformer.") and "crossattention" in k]
+    assert cross
+    # Trained from the image Q-Former: near the image weights, but moved.
+    for name in cross:
+        image_weight = after[name.replace("video_interface.", "image_interface.", 1)]
+        moved = (after[name] - image_weight).abs().max().item()
+        assert 0 < moved < 0.1, (name, moved)
