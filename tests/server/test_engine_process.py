@@ -83,6 +83,14 @@ def test_serve_runs_the_engine_in_a_child_process_that_ends_with_the_server(fres
     assert gone(pid, 10)
 
 
+def test_engine_thread_keeps_the_model_in_the_server_process(fresh_server):
+    server = fresh_server("--engine", "thread")
+    ready = [json.loads(line) for line in server.log_text().splitlines() if "model ready" in line]
+    assert ready[0]["engine"] == "thread" and ready[0]["engine_pid"] == server.process.pid
+    reply = httpx.post(f"{server.url}/chat", data={"prompt": "hi", "max_tokens": "3"}).json()
+    assert reply["usage"]["completion_tokens"] == 3
+
+
 def test_a_killed_engine_process_fails_its_streams_and_the_server_exits_3(fresh_server):
     server = fresh_server()
     stream = Stream(server.url)
