@@ -514,6 +514,15 @@ class IncrementalDetokenizer:
             return full[len(prefix) :]
         return ""
 
+    def flush(self) -> str:
+        """At the end: the text of the tokens still held back, an incomplete character included
+        (as U+FFFD, as a decode of all the tokens would show it)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :]
+
 
 @dataclass
 class SequenceState:
@@ -558,7 +567,8 @@ class SequenceState:
         return self._emit(pending[: len(pending) - hold])
 
     def _flush(self) -> str:
-        out, self._held = self._held, ""
+        """Everything still held (stop-string prefixes, an incomplete last character)."""
+        out, self._held = self._held + self.detokenizer.flush(), ""
         return self._emit(out)
 
     def _emit(self, text: str) -> str:

@@ -353,6 +353,19 @@ def test_streamed_text_never_splits_a_character(tiny_model) -> None:
     assert "" in deltas  # some tokens are partial characters: nothing is emitted for them
 
 
+def test_a_reply_cut_inside_a_character_keeps_what_it_has(tiny_model) -> None:
+    # max_tokens ends between the tokens of one character: the stream ends with what a decode of
+    # all the tokens shows (U+FFFD for the incomplete character), nothing silently dropped.
+    tokenizer = tiny_model.tokenizer
+    text = "ab 你好"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the test needs a character split across tokens"
+    deltas, state = replay(tokenizer, text, max_tokens=cuts[0])
+    assert state.finish_reason == "length"
+    assert "".join(deltas) == state.text == tokenizer.decode(ids[: cuts[0]])
+
+
 @pytest.mark.parametrize(
     ("stop", "expected"),
     [
