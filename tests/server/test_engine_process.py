@@ -114,18 +114,15 @@ def test_a_hung_engine_process_is_detected_and_the_server_exits_3(fresh_server):
     stream.wait_running(server)
     os.kill(pid, signal.SIGSTOP)
     try:
-        ready = httpx.get(f"{server.url}/ready", timeout=5)
-        deadline = time.monotonic() + 10
-        while ready.status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            ready = httpx.get(f"{server.url}/ready", timeout=5)
-        assert ready.status_code == 503
-        assert ready.json()["status"] == "model worker is not responding"
+        # The heartbeat stops: past --stall-timeout the engine counts as wedged, its requests are
+        # told and the watchdog exits 3 (within half a second: too soon to poll /ready for the
+        # 503 reliably; test_reliability.py checks that answer with the watchdog held back).
         stream.join(20)
         error = json.loads(stream.events[-2])["error"]
         assert error["code"] == 503 and "stopped responding" in error["message"]
         server.process.wait(20)
         assert server.process.returncode == 3
+        assert "model worker stalled" in server.log_text()
         assert gone(pid, 10)  # the server does not leave its stopped child behind
     finally:
         with contextlib.suppress(ProcessLookupError):
