@@ -253,7 +253,15 @@ def prefill_rows(
             batch[row, longest - length :] = embeds
             positions[row, longest - length :] = torch.arange(start, start + length)
     kv_len = max(start + embeds.shape[0] for embeds, start in chunks)
-    return forward_rows(llm, cache, batch, first_slot, positions.to(first.device), kv_len)
+    positions = host_to_device(positions, first.device)
+    return forward_rows(llm, cache, batch, first_slot, positions, kv_len)
+
+
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host-built tensor on `device` without a host sync (pinned, non-blocking: CUDA)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def sdpa_packed_gqa(
@@ -380,9 +388,7 @@ class SlotDecoder:
             row_tokens[slot], row_positions[slot] = token, length
         device = self._key_positions.device
         host = torch.tensor([row_tokens, row_positions, list(slots) + [0] * (rows - len(slots))])
-        if device.type == "cuda":
-            host = host.pin_memory()
-        inputs = host.to(device, non_blocking=True)  # (3, rows): one copy, no sync
+        inputs = host_to_device(host, device)  # (3, rows): one copy, no sync
         row_tokens_t, row_positions_t = inputs[0], inputs[1]
         key_positions = self._key_positions[:kv_len]
         if self.compiled:  # sizes symbolic from the first compile on, not after a recompile
