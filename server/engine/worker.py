@@ -372,7 +372,10 @@ class Engine(AdmissionControl):
                     continue
                 self._admit()
                 self._compact()
-                self._prefill()
+                if self._prefill():
+                    # The first tokens leave now, not after the decode step (in the engine
+                    # process a report sends the events queued so far).
+                    self._report()
                 self._decode_step()
                 self._report()
         except BaseException as exc:  # the worker must never die silently
@@ -506,10 +509,11 @@ class Engine(AdmissionControl):
         for entry, old_slot in self.scheduler.compact():
             self.cache.move(old_slot, entry.slot, entry.length)
 
-    def _prefill(self) -> None:
+    def _prefill(self) -> bool:
         """Run this iteration's prefill chunks, those of consecutive slots in one forward (a
         burst of admitted prompts holds consecutive slots); the prompts they complete get their
-        first token together. A failed forward fails only the requests in it."""
+        first token together. A failed forward fails only the requests in it. True if a prompt
+        got its first token."""
         completed, rows = [], []
         for run in _consecutive_slots(self.scheduler.next_prefills()):
             pieces = []
@@ -533,6 +537,7 @@ class Engine(AdmissionControl):
                 rows.append(logits[row : row + 1])
         if completed:
             self._sample(completed, torch.cat(rows))
+        return bool(completed)
 
     def _decode_step(self) -> None:
         batch = [e for e in self.scheduler.decoding() if e.item.next_token is not None]

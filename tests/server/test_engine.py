@@ -155,6 +155,33 @@ def test_engine_matches_single_request_generate(model, monkeypatch, prefill_chun
         assert events[-1].usage.completion_tokens == 12
 
 
+def test_first_tokens_are_reported_before_the_decode_step(model):
+    """An iteration that completes prompts reports right after their prefill, before the decode
+    step (in the engine process a report is what sends the queued events: a new request's first
+    token does not wait for the running requests' decode forward)."""
+    log: list[str] = []
+
+    class Recording(worker.EngineObserver):
+        def first_token(self, seconds: float) -> None:
+            log.append("first token")
+
+        def step(self, running: int, waiting: int, kv_usage: float) -> None:
+            log.append("report")
+
+    engine = Engine(model, EngineConfig(max_batch=2, max_queue=2), Recording())
+    engine.fault_injector = log.append  # called with "prefill" / "decode" before each forward
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        asyncio.run(run_requests(engine, ["a", "b"], params))
+    finally:
+        engine.shutdown()
+    firsts = [i for i, entry in enumerate(log) if entry == "first token"]
+    assert len(firsts) == 2
+    for i in firsts:
+        assert log[i + 1 :].index("report") < log[i + 1 :].index("decode"), log
+
+
 def test_queue_bound_and_fault_isolation(model):
     engine = Engine(model, EngineConfig(max_batch=2, max_queue=1))
     engine.start()
