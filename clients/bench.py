@@ -399,19 +399,23 @@ def _record(r: RequestResult, first: float) -> dict[str, Any]:
 
 
 # --- the load generator ---
-def _form(request: BenchRequest, max_tokens: int) -> tuple[dict[str, str], list[tuple]]:
-    data = {
-        "prompt": request.prompt,
-        "stream": "true",
-        "max_tokens": str(max_tokens),
-        "ignore_eos": "true",
-        "temperature": "0",
-    }
-    files = []
+def _form(request: BenchRequest, max_tokens: int):
+    """The /chat form: url-encoded for text, multipart when there are files (as curl sends)."""
+    import aiohttp
+
+    form = aiohttp.FormData(
+        {
+            "prompt": request.prompt,
+            "stream": "true",
+            "max_tokens": str(max_tokens),
+            "ignore_eos": "true",
+            "temperature": "0",
+        }
+    )
     for item in request.media:
         mime = MIME.get(Path(item.filename).suffix.lower(), "application/octet-stream")
-        files.append((item.kind, (item.filename, item.data, mime)))
-    return data, files
+        form.add_field(item.kind, item.data, filename=item.filename, content_type=mime)
+    return form
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -424,26 +428,25 @@ def _error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}: {message}"
 
 
-async def send_one(client, url: str, request: BenchRequest, max_tokens: int, headers: dict):
+async def send_one(session, url: str, request: BenchRequest, max_tokens: int, headers: dict):
     """One streaming POST /chat; every SSE event timed on arrival."""
     import json
     import time
 
-    import httpx
+    import aiohttp
 
     result = RequestResult(request.index, request.kind)
-    data, files = _form(request, max_tokens)
+    form = _form(request, max_tokens)
     result.start = time.perf_counter()
     last: float | None = None
     try:
-        async with client.stream(
-            "POST", f"{url}/chat", data=data, files=files or None, headers=headers
-        ) as response:
-            if response.status_code != 200:
-                result.error = _error_message(response.status_code, await response.aread())
+        async with session.post(f"{url}/chat", data=form, headers=headers) as response:
+            if response.status != 200:
+                result.error = _error_message(response.status, await response.read())
                 return result
-            async for line in response.aiter_lines():
+            async for raw in response.content:  # one line per iteration
                 now = time.perf_counter()
+                line = raw.decode("utf-8").strip()
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()
@@ -469,7 +472,7 @@ async def send_one(client, url: str, request: BenchRequest, max_tokens: int, hea
             result.error = "the stream ended without a final event (usage)"
         else:
             result.ok = True
-    except httpx.HTTPError as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     except ValueError as exc:  # a malformed event
         result.error = f"bad SSE event: {exc}"
@@ -489,21 +492,24 @@ async def run_load(
     warmup: list[BenchRequest] | None = None,
     progress: bool = True,
 ) -> tuple[list[RequestResult], float]:
-    """Send the requests; returns their results (in request order) and the run's duration."""
+    """Send the requests; returns their results (in request order) and the run's duration.
+
+    aiohttp, not httpx (as `vllm bench serve`): the load generator shares the machine with the
+    server, and on 2 CPUs httpx's per-chunk overhead showed up in the measured TTFT."""
     import asyncio
     import random
     import time
 
-    import httpx
+    import aiohttp
     from tqdm import tqdm
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeouts = httpx.Timeout(timeout, connect=min(timeout, 30.0))
+    connector = aiohttp.TCPConnector(limit=0)  # no connection cap: --concurrency is the cap
+    timeouts = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 30.0))
     results: list[RequestResult | None] = [None] * len(requests)
-    async with httpx.AsyncClient(limits=limits, timeout=timeouts) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeouts) as session:
         for request in warmup or []:
-            done = await send_one(client, url, request, max_tokens, headers)
+            done = await send_one(session, url, request, max_tokens, headers)
             if not done.ok:
                 raise RuntimeError(f"warm-up request failed: {done.error}")
         bar = tqdm(total=len(requests), desc="bench", unit="req", disable=not progress)
@@ -513,11 +519,11 @@ async def run_load(
             if gate is not None:
                 async with gate:
                     results[position] = await send_one(
-                        client, url, requests[position], max_tokens, headers
+                        session, url, requests[position], max_tokens, headers
                     )
             else:
                 results[position] = await send_one(
-                    client, url, requests[position], max_tokens, headers
+                    session, url, requests[position], max_tokens, headers
                 )
             bar.update(1)
 
