@@ -163,8 +163,6 @@ class EngineProcess(AdmissionControl):
             return
         if not wedged:
             self._send(("shutdown",))
-            with contextlib.suppress(OSError):
-                self._outbox.flush()  # type: ignore[union-attr]
             process.join(10)
         if process.is_alive():  # wedged: it cannot answer, so it cannot finish either
             process.kill()
@@ -329,7 +327,6 @@ def _engine_main(spec: EngineSpec, conn: Connection, heartbeat: Any) -> None:
     except Exception as exc:
         log.exception("model failed to load")
         outbox.post(("failed", str(exc)))
-        outbox.flush()
         return
     handles: dict[int, _ChildHandle] = {}
     engine.start()
