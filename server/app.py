@@ -142,7 +142,7 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
         await asyncio.to_thread(engine.start)
         runtime.engine = engine
         runtime.service = ChatService(
-            preparer, engine, limits, executor, fetcher, preparer.config.name
+            preparer, engine, limits, executor, fetcher, preparer.config.name, runtime.metrics
         )
         log.info(
             "model ready",

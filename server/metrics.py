@@ -51,11 +51,30 @@ class Metrics(EngineObserver):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Per-request media stages in the API process, before the engine sees the request.
+        self.media_decode = Histogram(
+            "xllm_media_decode_seconds",
+            "Container/codec decoding of one media item",
+            ["modality"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.media_preprocess = Histogram(
+            "xllm_media_preprocess_seconds",
+            "Resizing/normalising pixels or computing log-mel features of one media item",
+            ["modality"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.generated = Counter("xllm_generated_tokens_total", "Tokens generated", registry=r)
         self.prompt = Counter("xllm_prompt_tokens_total", "Prompt positions processed", registry=r)
         self.requests = Counter(
             "xllm_requests_total", "Finished HTTP requests", ["endpoint", "status"], registry=r
         )
+
+    def media_stages(self, modality: str, decode: float, preprocess: float) -> None:
+        self.media_decode.labels(modality=modality).observe(decode)
+        self.media_preprocess.labels(modality=modality).observe(preprocess)
 
     # EngineObserver
     def queue_time(self, seconds: float) -> None:

@@ -20,9 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from xllm.model.config import Modality
 from xllm.model.generate import SamplingParams, sampling_params
-from xllm.model.media import MediaError, MediaLimits, decode_audio, decode_image, decode_video
+from xllm.model.media import (
+    DecodedVideo,
+    MediaError,
+    MediaLimits,
+    decode_audio,
+    decode_image,
+    decode_video,
+)
 from xllm.model.preprocess import MediaPreparer, PreparedMedia
 from xllm.model.prompt import PromptError, bind_media
 from xllm.server.engine.events import (
@@ -36,6 +46,7 @@ from xllm.server.engine.events import (
 from xllm.server.engine.process import EngineProcess
 from xllm.server.engine.worker import Engine, EngineFull, EngineUnavailable
 from xllm.server.errors import ServingError
+from xllm.server.metrics import Metrics
 from xllm.server.protocol import ChatCompletionRequest
 from xllm.server.remote_media import RemoteMediaFetcher
 
@@ -163,6 +174,7 @@ class ChatService:
         executor: ThreadPoolExecutor,
         fetcher: RemoteMediaFetcher,
         model_name: str,
+        metrics: Metrics,
     ) -> None:
         self.preparer = preparer
         self.engine = engine
@@ -170,6 +182,7 @@ class ChatService:
         self.executor = executor
         self.fetcher = fetcher
         self.model_name = model_name
+        self.metrics = metrics
 
     # --- /chat and /v1/chat/completions share this ---
     async def complete(self, chat: ChatInput) -> Completion:
@@ -294,14 +307,20 @@ class ChatService:
 
     def _decode_one(self, item: MediaInput) -> PreparedMedia:
         limits = self.limits.media
+        start = time.perf_counter()
+        decoded: Image.Image | np.ndarray | DecodedVideo
         if item.kind == "image":
-            return self.preparer.prepare("image", decode_image(item.data, limits))
-        if item.kind == "audio":
-            return self.preparer.prepare("audio", decode_audio(item.data, limits))
-        ic = self.preparer.config.image_interface
-        assert ic is not None
-        video = decode_video(item.data, limits, fps=ic.video_fps, max_frames=ic.max_frames)
-        return self.preparer.prepare("video", video)
+            decoded = decode_image(item.data, limits)
+        elif item.kind == "audio":
+            decoded = decode_audio(item.data, limits)
+        else:
+            ic = self.preparer.config.image_interface
+            assert ic is not None
+            decoded = decode_video(item.data, limits, fps=ic.video_fps, max_frames=ic.max_frames)
+        decoded_at = time.perf_counter()
+        prepared = self.preparer.prepare(item.kind, decoded)
+        self.metrics.media_stages(item.kind, decoded_at - start, time.perf_counter() - decoded_at)
+        return prepared
 
     # --- OpenAI request -> ChatInput ---
     async def from_openai(self, request: ChatCompletionRequest, request_id: str) -> ChatInput:

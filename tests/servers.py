@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,6 +19,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float = 30, what: str = "", interval: float = 0.02
+) -> None:
+    """Poll `condition` until it is true; past `timeout` seconds fail the test, naming `what`.
+
+    The timeout is only a bound on a hang, never a measurement: tests pass at any machine speed.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+def read_metric(text: str, name: str, **labels: str) -> float:
+    """The value of `name{labels}` in a Prometheus text exposition; 0 when it is absent.
+
+    A labelled series exists only once observed, so absent and zero read the same. With no
+    labels given, the first series of that name counts.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (not labels or sample.labels == labels):
+                return float(sample.value)
+    return 0.0
 
 
 class ServerProcess:
@@ -59,15 +90,21 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"server not ready:\n{self.log_text()}")
 
-    def log_text(self) -> str:
+    def log_text(self, whole: bool = False) -> str:
+        """The server's log so far (its last 5,000 characters unless `whole`)."""
         self.log.flush()
-        return self.log_path.read_text()[-5000:]
+        text = self.log_path.read_text()
+        return text if whole else text[-5000:]
 
-    def metric(self, name: str) -> float:
-        for line in httpx.get(f"{self.url}/metrics", timeout=5).text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample of /metrics: `name` with exactly these labels (0 when not yet recorded)."""
+        return read_metric(httpx.get(f"{self.url}/metrics", timeout=5).text, name, **labels)
+
+    def engine_pid(self) -> int:
+        """The engine process's pid, from the server's "model ready" log line."""
+        lines = [json.loads(line) for line in self.log_text().splitlines() if "model ready" in line]
+        assert lines and lines[0]["engine"] == "process", self.log_text()
+        return lines[0]["engine_pid"]
 
     def stop(self) -> int:
         if self.process.poll() is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -307,15 +306,20 @@ def test_image_unsupported_formats_415() -> None:
     expect_error(lambda: decode_image(wav), 415, "audio")
 
 
-def test_image_pixel_limit_checked_before_decoding() -> None:
-    # Far beyond Pillow's own bomb threshold (Pillow refuses it while parsing the header).
-    t0 = time.perf_counter()
-    expect_error(lambda: decode_image(png_with_header_size(20000, 20000)), 413, "400000000")
-    # Over our 40 MP limit but under Pillow's: our guard, which names the size.
-    expect_error(
-        lambda: decode_image(png_with_header_size(8000, 8000)), 413, "8000x8000", "40000000"
-    )
-    assert time.perf_counter() - t0 < 1.0
+def test_image_pixel_limit_checked_before_decoding(monkeypatch) -> None:
+    from PIL import ImageFile
+
+    def no_pixels(self):  # Pillow decodes pixel data in load(): it must not be reached
+        raise AssertionError("pixels were decoded for an image refused by its header")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFile.ImageFile, "load", no_pixels)
+        # Far beyond Pillow's own bomb threshold (Pillow refuses it while parsing the header).
+        expect_error(lambda: decode_image(png_with_header_size(20000, 20000)), 413, "400000000")
+        # Over our 40 MP limit but under Pillow's: our guard, which names the size.
+        expect_error(
+            lambda: decode_image(png_with_header_size(8000, 8000)), 413, "8000x8000", "40000000"
+        )
     # A real, fully valid image that compresses tiny: still refused, not decoded.
     small = MediaLimits(max_image_pixels=1_000_000)
     bomb = encode_image(Image.new("1", (2000, 2000)), "PNG")
@@ -409,9 +413,7 @@ def test_audio_passthrough_at_16k() -> None:
     ],
 )
 def test_audio_garbage(data: bytes, status: int) -> None:
-    t0 = time.perf_counter()
     expect_error(lambda: decode_audio(data), status)
-    assert time.perf_counter() - t0 < 2.0
 
 
 def test_audio_no_samples() -> None:
@@ -437,7 +439,6 @@ def test_audio_lying_header_is_bounded() -> None:
     wav[pos + 4 : pos + 8] = struct.pack("<I", 2_000_000_000)  # ~17 hours of samples
     wav[4:8] = struct.pack("<I", 2_000_000_036)
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         out = decode_audio(bytes(wav))
     except MediaError as err:
@@ -448,7 +449,6 @@ def test_audio_lying_header_is_bounded() -> None:
     finally:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    assert time.perf_counter() - t0 < 2.0
     assert peak < 100 * 1024 * 1024, peak
 
 
@@ -590,9 +590,7 @@ def test_video_limits(mp4_av: bytes) -> None:
     ],
 )
 def test_video_garbage(data: bytes, status: int) -> None:
-    t0 = time.perf_counter()
     expect_error(lambda: decode_video(data), status)
-    assert time.perf_counter() - t0 < 2.0
 
 
 def test_video_wrong_kinds(m4a: bytes, png: bytes) -> None:
@@ -645,7 +643,6 @@ def test_only_media_errors_escape_for_damaged_files(mp4_av: bytes, m4a: bytes) -
         (decode_video, mp4_av),
         (decode_video, VIDEO_CASES["webm-vp8"]()),
     ]
-    t0 = time.perf_counter()
     for decode, data in samples:
         for i in range(12):
             damaged = bytearray(data)
@@ -658,7 +655,6 @@ def test_only_media_errors_escape_for_damaged_files(mp4_av: bytes, m4a: bytes) -
                 decode(bytes(damaged))
             except MediaError as err:
                 assert err.status in (400, 413, 415)
-    assert time.perf_counter() - t0 < 15
 
 
 def test_thread_safety(mp4_av: bytes) -> None:
@@ -719,14 +715,18 @@ def test_media_error_pickles_with_status() -> None:
     assert MediaError("x").status == 400
 
 
-def test_absurd_sample_rate_in_header_is_refused_fast():
+def test_absurd_sample_rate_in_header_is_refused_before_any_sample_is_read(monkeypatch):
     """A 1 s WAV whose header claims ~923 MHz must not be resampled (seconds, hundreds of MB)."""
+    import xllm.model.media as media
     from tests.media import make_wav
 
+    class NoSampleSink:  # the sink every decoded sample goes through: it must never be made
+        def __init__(self, *args, **kwargs) -> None:
+            raise AssertionError("samples were read from a file refused by its header")
+
+    monkeypatch.setattr(media, "_AudioSink", NoSampleSink)
     wav = bytearray(make_wav(1.0))
     wav[24:28] = struct.pack("<I", 922_762_880)  # the fmt chunk's sample rate
-    start = time.monotonic()
     with pytest.raises(MediaError) as info:
         decode_audio(bytes(wav))
     assert info.value.status == 400 and "Hz" in info.value.message
-    assert time.monotonic() - start < 1.0

@@ -63,3 +63,22 @@ def test_serve_without_model_uses_the_builtin_model(start_server):
     assert served == XLLMConfig.load(demo).name
     r = httpx.post(f"{server.url}/chat", data={"prompt": "hello", "max_tokens": "4"}, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_ci_runs_the_readmes_test_command_as_written():
+    """CI tests the stack a user gets: the README's Quick start test command, nothing pinned."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") :]
+    command = re.search(r"Test:\n\n```sh\n(.*?)\n```", quick_start, flags=re.S)
+    assert command, "the README's Quick start has no Test command"
+    steps = command.group(1).split(" && ")
+    ci = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    at = [ci.index(step) for step in steps]  # each step is a line of CI's script ...
+    assert at == sorted(at), "... in the README's order"
+    # ... and nothing else in CI installs Python packages or changes pip.
+    installs = [line for line in ci if re.search(r"\bpip(3)?\b|\buv\b|python3? -m pip", line)]
+    assert installs == [step for step in steps if "pip" in step], installs

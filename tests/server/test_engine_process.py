@@ -20,13 +20,6 @@ import pytest
 from tests.servers import ServerProcess
 
 
-def engine_pid(server: ServerProcess) -> int:
-    """The engine process's pid, from the server's "model ready" log line."""
-    lines = [json.loads(line) for line in server.log_text().splitlines() if "model ready" in line]
-    assert lines and lines[0]["engine"] == "process"
-    return lines[0]["engine_pid"]
-
-
 def gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,7 +64,7 @@ def fresh_server(start_server):
 
 def test_serve_runs_the_engine_in_a_child_process_that_ends_with_the_server(fresh_server):
     server = fresh_server()
-    pid = engine_pid(server)
+    pid = server.engine_pid()
     assert pid != server.process.pid
     text = httpx.post(f"{server.url}/chat", data={"prompt": "hi", "max_tokens": "5"}).json()
     assert text["usage"]["completion_tokens"] == 5
@@ -96,7 +89,7 @@ def test_a_killed_engine_process_fails_its_streams_and_the_server_exits_3(fresh_
     stream = Stream(server.url)
     stream.start()
     stream.wait_running(server)
-    os.kill(engine_pid(server), signal.SIGKILL)
+    os.kill(server.engine_pid(), signal.SIGKILL)
     stream.join(20)
     assert stream.status == 200 and stream.events[-1] == "[DONE]"
     error = json.loads(stream.events[-2])["error"]
@@ -108,7 +101,7 @@ def test_a_killed_engine_process_fails_its_streams_and_the_server_exits_3(fresh_
 
 def test_a_hung_engine_process_is_detected_and_the_server_exits_3(fresh_server):
     server = fresh_server("--stall-timeout", "1")
-    pid = engine_pid(server)
+    pid = server.engine_pid()
     stream = Stream(server.url)
     stream.start()
     stream.wait_running(server)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
-import time
 
 import httpx
 
 from tests.media import make_png
+from tests.servers import wait_until
 
 
 def post(url: str, **kwargs) -> httpx.Response:
@@ -140,25 +141,36 @@ def test_401_without_the_api_key(start_server, tmp_path):
 def test_429_when_the_queue_is_full_and_504_on_timeout(start_server):
     server = start_server("--max-batch", "1", "--max-queue", "0", "--request-timeout", "3")
     long = {"prompt": "hold", "max_tokens": "2000", "ignore_eos": "true", "stream": "true"}
+    engine = server.engine_pid()
     events: list[str] = []
 
     def hold_the_slot() -> None:
         with httpx.stream("POST", f"{server.url}/chat", data=long, timeout=30) as r:
-            events.extend(line for line in r.iter_lines() if line.startswith("data: "))
+            for line in r.iter_lines():
+                if line.startswith("data: ") and not events:
+                    # The first token is out: stop the engine, so that this stream cannot end
+                    # before --request-timeout whatever the machine's speed (the stall watchdog,
+                    # 300 s by default, stays out of it).
+                    os.kill(engine, signal.SIGSTOP)
+                if line.startswith("data: "):
+                    events.append(line)
 
     holder = threading.Thread(target=hold_the_slot)
     holder.start()
-    deadline = time.monotonic() + 10
-    while server.metric("xllm_num_requests_running") < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    r = post(f"{server.url}/chat", data={"prompt": "hi"})
-    assert_error(r, 429)
-    assert int(r.headers["retry-after"]) >= 1
-    holder.join(30)
+    try:
+        wait_until(lambda: events or not holder.is_alive(), what="the held stream's first token")
+        assert events, "the held stream ended without a token"
+        r = post(f"{server.url}/chat", data={"prompt": "hi"})
+        assert_error(r, 429)
+        assert int(r.headers["retry-after"]) >= 1
+        holder.join(30)
+    finally:
+        os.kill(engine, signal.SIGCONT)
     # The held stream ran into --request-timeout: an explicit error event, then [DONE].
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2][6:])["error"]
     assert error["code"] == 504 and "timed out" in error["message"]
+    assert not any('"finish_reason"' in e for e in events)  # it never ended on its own
 
 
 def test_503_when_the_model_cannot_load(start_server, tmp_path):
@@ -170,7 +182,7 @@ def test_503_when_the_model_cannot_load(start_server, tmp_path):
 
 
 def test_sigterm_drains_running_streams_then_exits_0(start_server):
-    server = start_server("--drain-timeout", "20")
+    server = start_server("--drain-timeout", "300")  # a bound on a hang, never reached
     lines: list[str] = []
     data = {"prompt": "drain", "max_tokens": "600", "ignore_eos": "true", "stream": "true"}
 
@@ -180,12 +192,19 @@ def test_sigterm_drains_running_streams_then_exits_0(start_server):
 
     reader = threading.Thread(target=stream)
     reader.start()
-    while server.metric("xllm_num_requests_running") < 1:
-        time.sleep(0.02)
-    server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert_error(post(f"{server.url}/chat", data={"prompt": "late"}), 503)
-    assert httpx.get(f"{server.url}/ready").status_code == 503
+    wait_until(lambda: server.metric("xllm_num_requests_running") >= 1, what="the stream")
+    # The engine is held still while the server is told to stop, so that the stream is running
+    # through the checks below on any machine; then it goes on and must finish in full.
+    engine = server.engine_pid()
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: httpx.get(f"{server.url}/ready").status_code == 503, what="draining to begin"
+        )
+        assert_error(post(f"{server.url}/chat", data={"prompt": "late"}), 503)
+    finally:
+        os.kill(engine, signal.SIGCONT)
     reader.join(60)
     assert server.process.wait(30) == 0
     assert lines[-1] == "data: [DONE]"

@@ -33,6 +33,7 @@ import pytest
 import uvicorn
 
 from tests.media import make_mp4, make_png, make_wav
+from tests.servers import free_port, read_metric, wait_until
 from xllm.server.app import DrainingServer, create_app
 from xllm.server.settings import Settings
 
@@ -40,12 +41,6 @@ MB = 2**20
 
 
 # --- harness -------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class InProcessServer:
     """The app (given an already loaded model) under uvicorn in a thread, on 127.0.0.1."""
 
@@ -81,15 +76,17 @@ class InProcessServer:
         self.thread.start()
         if self._watch:
             self.start_watchdog()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError("in-process server not ready")
+        wait_until(self._ready, 60, "the in-process server to be ready")
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def metric(self, name: str, **labels: str) -> float:
+        return read_metric(httpx.get(f"{self.url}/metrics", timeout=5).text, name, **labels)
 
     def __exit__(self, *exc) -> None:
         if self.engine is not None:
@@ -100,15 +97,6 @@ class InProcessServer:
     def wait_exit(self, timeout: float) -> bool:
         self.thread.join(timeout)
         return not self.thread.is_alive()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 def assert_error(r: httpx.Response, *statuses: int, words: tuple[str, ...] = ()) -> dict:
@@ -174,8 +162,19 @@ def decoding(engine) -> int:
     return sum(entry.phase.value == "decode" for entry in list(engine.scheduler.running))
 
 
+def idle(server) -> None:
+    """Wait until no request runs or waits (an InProcessServer or a ServerProcess)."""
+    wait_until(
+        lambda: (
+            server.metric("xllm_num_requests_running") == 0
+            and server.metric("xllm_num_requests_waiting") == 0
+        ),
+        what="the server to be idle",
+    )
+
+
 def ready_and_idle(server: InProcessServer) -> None:
-    assert wait_until(lambda: server.engine.num_in_system == 0, 5), server.engine.num_in_system
+    wait_until(lambda: server.engine.num_in_system == 0, what="the engine to be idle")
     assert httpx.get(f"{server.url}/ready").status_code == 200
 
 
@@ -272,7 +271,9 @@ def test_api_keys_from_env_and_file_guard_chat_and_v1_before_the_body_is_read(
 
         # 401 at the headers: 40 MB announced (under the upload limit), 1 KB sent, and the answer
         # comes without the server waiting for (or parsing) the rest of the body.
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        # The proof is the answer itself: the rest of the body never arrives (the socket's
+        # timeout only bounds a hang).
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
             sock.sendall(
                 b"POST /chat HTTP/1.1\r\nHost: x\r\n"
                 b"Content-Type: multipart/form-data; boundary=b\r\n"
@@ -280,10 +281,8 @@ def test_api_keys_from_env_and_file_guard_chat_and_v1_before_the_body_is_read(
                 + b'--b\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\n'
                 + b"\0" * 1024
             )
-            start = time.monotonic()
             reply = sock.recv(4096)
         assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
-        assert time.monotonic() - start < 3
 
 
 def test_cors_only_for_the_listed_origins(tiny_model):
@@ -333,10 +332,8 @@ def peak_growth_mb(server, send: Callable[[], httpx.Response]) -> tuple[httpx.Re
 def test_decompression_bomb_png_is_413_from_the_header(server):
     bomb = png_bomb()  # 16000 x 16000: 256 M pixels; the server allows 40 M
     assert len(bomb) < 64 * 1024
-    start = time.monotonic()
     r, growth = peak_growth_mb(server, lambda: post_media(server, "image", bomb, "bomb.png"))
     assert_error(r, 413, words=("256000000 pixels", "40000000"))
-    assert time.monotonic() - start < 10
     assert growth < 64, f"peak RSS rose {growth:.0f} MB for a refused image"
     # The same through the OpenAI route (a data URI).
     uri = "data:image/png;base64," + base64.b64encode(bomb).decode()
@@ -360,7 +357,7 @@ def test_wav_whose_header_claims_2_gb_is_decoded_for_what_is_there(server):
 def test_300_images_in_one_request_are_refused_before_decoding(server):
     png = make_png()
     files = [("image", (f"{i}.png", png, "image/png")) for i in range(300)]
-    start = time.monotonic()
+    decoded = server.metric("xllm_media_decode_seconds_count", modality="image")
     r = httpx.post(f"{server.url}/chat", data={"prompt": "hi"}, files=files, timeout=60)
     assert_error(r, 413, words=("300 media items", "--max-media-per-request"))
     # OpenAI route: counted before any data URI is decoded (or any URL fetched).
@@ -369,7 +366,7 @@ def test_300_images_in_one_request_are_refused_before_decoding(server):
     body = {"messages": [{"role": "user", "content": content}]}
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert_error(r, 413, words=("300 media items",))
-    assert time.monotonic() - start < 15
+    assert server.metric("xllm_media_decode_seconds_count", modality="image") == decoded
 
 
 def bad_media_cases() -> list[tuple[str, str, bytes]]:
@@ -409,11 +406,9 @@ def bad_media_cases() -> list[tuple[str, str, bytes]]:
 def test_bad_media_get_400_or_415_with_a_message_never_500(server):
     answers = {}
     for field, what, data in bad_media_cases():
-        start = time.monotonic()
         r = post_media(server, field, data)
         assert r.status_code in (400, 413, 415), (field, what, r.status_code, r.text)
         answers[(field, what)] = assert_error(r, 400, 413, 415)["message"]
-        assert time.monotonic() - start < 10, (field, what)
     assert "SVG" in answers[("image", "svg")]
     assert "no samples" in answers[("audio", "no samples")]
     # Data URIs through the OpenAI route go the same way.
@@ -475,14 +470,13 @@ def test_duration_resolution_pixel_and_context_limits(tiny_model):
         usage = r.json()["usage"]
         assert r.json()["finish_reason"] == "length" and usage["total_tokens"] == 64
         # Text is bounded before the worker tokenizes it (it would stall every stream meanwhile):
-        # 10 MB of prompt is refused at once, and so are stop strings past their cap.
-        start = time.monotonic()
+        # 10 MB of prompt is refused by its size in characters (the message says so: nothing was
+        # tokenized), and so are stop strings past their cap.
         chat_url = f"{server.url}/v1/chat/completions"
         body = {"messages": [{"role": "user", "content": "x " * (5 * MB)}], "max_tokens": 2}
         assert_error(
             httpx.post(chat_url, json=body, timeout=30), 400, words=("characters", "64 tokens")
         )
-        assert time.monotonic() - start < 5
         body = {
             "messages": [{"role": "user", "content": "hi"}],
             "stop": [f"s{i}" for i in range(17)],
@@ -495,17 +489,18 @@ def test_request_timeout_also_bounds_media_decoding(tiny_model):
         service = server.runtime.service
         original = service._decode_one
         release = threading.Event()
+        returned = threading.Event()
 
         def stuck_decoder(item):  # a file that takes "forever" to decode
-            release.wait(10)
+            release.wait(120)
+            returned.set()
             return original(item)
 
         service._decode_one = stuck_decoder
         try:
-            start = time.monotonic()
             r = post_media(server, "image", make_png(), "a.png")
             assert_error(r, 504, words=("timed out", "--request-timeout"))
-            assert time.monotonic() - start < 5
+            assert not returned.is_set()  # answered while the decoder was still stuck
             assert server.engine.num_in_system == 0  # its place was given back
         finally:
             release.set()
@@ -690,9 +685,12 @@ def test_remote_fetch_size_and_time_limits(monkeypatch):
         return httpx.Response(200, content=b"\0" * (2 * MB))
 
     class Drip(httpx.AsyncByteStream):
+        sent = 0
+
         async def __aiter__(self):
             for _ in range(1000):  # one byte every 50 ms: each read is quick, the whole is not
                 await asyncio.sleep(0.05)
+                Drip.sent += 1
                 yield b"x"
 
     async def drip(request):
@@ -702,10 +700,9 @@ def test_remote_fetch_size_and_time_limits(monkeypatch):
     net = FakeInternet(monkeypatch, {"big.example": [PUBLIC], "slow.example": [PUBLIC]}, sites)
     error = fetch(net.fetcher(["big.example"], max_bytes=MB), "http://big.example/a")
     assert error.status == 413
-    start = time.monotonic()
     error = fetch(net.fetcher(["slow.example"], timeout=0.5), "http://slow.example/a")
     assert error.status == 400 and "longer than 0.5 s" in error.message
-    assert time.monotonic() - start < 3
+    assert Drip.sent < 1000  # the fetch gave up on the drip before its end
 
 
 # --- overload and disconnects --------------------------------------------------------------------
@@ -763,19 +760,23 @@ def test_clients_dropping_while_queued_give_their_places_back(busy):
             for task in queued:  # the clients give up: their connections close
                 task.cancel()
             await asyncio.gather(*queued, return_exceptions=True)
-            start = time.monotonic()
-            while engine.num_in_system > 4 and time.monotonic() - start < 1:
-                await asyncio.sleep(0.01)
-            assert engine.num_in_system == 4, engine.num_in_system
+            # The six places come back while the four holders still run (they have 500 tokens
+            # to go): no slot was needed to notice the clients had left.
+            await asyncio.to_thread(
+                wait_until,
+                lambda: engine.num_in_system == 4 or engine.num_running < 4,
+                what="the queued places to be given back",
+            )
+            assert engine.num_in_system == engine.num_running == 4
             for task in holders:
                 task.cancel()
             await asyncio.gather(*holders, return_exceptions=True)
 
+    generated = busy.metric("xllm_generated_tokens_total")
     asyncio.run(main())
-    start = time.monotonic()
-    assert wait_until(lambda: engine.num_in_system == 0, 1.0), engine.num_in_system
-    assert time.monotonic() - start <= 1.0
     ready_and_idle(busy)
+    # The holders were cut short when their clients left, not run to their 500 tokens.
+    assert busy.metric("xllm_generated_tokens_total") - generated < 4 * 500
 
 
 # --- faults --------------------------------------------------------------------------------------
@@ -918,7 +919,9 @@ def test_a_wedged_worker_is_detected_its_requests_told_and_the_process_exits_3(t
                     while server.engine.num_running < 1:
                         await asyncio.sleep(0.005)
                     server.engine.fault_injector = hang
-                    assert await asyncio.to_thread(wait_until, lambda: server.engine.wedged, 5)
+                    await asyncio.to_thread(
+                        wait_until, lambda: server.engine.wedged, what="the worker to be wedged"
+                    )
                     ready = await client.get("/ready")
                     assert ready.status_code == 503
                     assert ready.json()["status"] == "model worker is not responding"
@@ -931,7 +934,7 @@ def test_a_wedged_worker_is_detected_its_requests_told_and_the_process_exits_3(t
             assert status == 200 and events[-1] == "[DONE]"
             error = json.loads(events[-2])["error"]
             assert error["code"] == 503 and "stopped responding" in error["message"]
-            assert wait_until(lambda: server.server.exit_code == 3, 5)
+            wait_until(lambda: server.server.exit_code == 3, what="exit code 3")
         finally:
             release.set()
         assert server.wait_exit(15)
@@ -949,17 +952,15 @@ def test_sigterm_past_the_drain_deadline_ends_streams_with_an_error_then_exits_0
                 while server.engine.num_running < 1:
                     await asyncio.sleep(0.005)
                 server.server.handle_exit(signal.SIGTERM, None)
-                await asyncio.sleep(0.2)
+                while (await client.get("/ready")).status_code != 503:  # draining has begun
+                    await asyncio.sleep(0.01)
                 assert_error(await client.post("/chat", data={"prompt": "late"}), 503)
-                assert (await client.get("/ready")).status_code == 503
                 return await task
 
-        start = time.monotonic()
         status, _, events = asyncio.run(main())
         assert status == 200 and events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
         assert "drain deadline" in error["message"]
-        assert time.monotonic() - start < 10
         assert server.wait_exit(15) and server.server.exit_code == 0
 
 
@@ -985,12 +986,14 @@ def test_logs_are_json_with_request_ids_and_never_prompts_or_media(server):
     for bad in ('"}, {"level": "error', "x" * 300, "a b"):
         r = httpx.get(f"{server.url}/health", headers={"X-Request-ID": bad})
         assert r.headers["x-request-id"] != bad and len(r.headers["x-request-id"]) == 32
-    assert_error(
-        httpx.post(f"{server.url}/chat", data={"prompt": secret, "max_tokens": "99999"}), 400
+    last = {"X-Request-ID": "reliability-log-check-last"}
+    r = httpx.post(
+        f"{server.url}/chat", data={"prompt": secret, "max_tokens": "99999"}, headers=last
     )
-    time.sleep(0.2)  # the access-log line is written after the response
-    server.log.flush()
-    text = server.log_path.read_text()
+    assert_error(r, 400)
+    # The access-log line is written after the response: wait for the last request's line.
+    wait_until(lambda: last["X-Request-ID"] in server.log_text(), what="the access-log line")
+    text = server.log_text(whole=True)
     entries = []
     for line in text.splitlines():
         if line.strip().startswith("{"):
@@ -1090,12 +1093,12 @@ def test_resident_memory_stays_flat_over_1000_mixed_requests(server):
     mp4 = make_mp4(frames=4, fps=4)
     pid = server.process.pid
     asyncio.run(run_mixed(server.url, 0, 100, mp4))  # warm-up: allocator pools, caches, threads
-    time.sleep(1)
+    idle(server)
     before = rss_kb(pid)
     start = time.monotonic()
     statuses = asyncio.run(run_mixed(server.url, 200, 1000, mp4))
     elapsed = time.monotonic() - start
-    time.sleep(1)
+    idle(server)  # dropped streams end on the server after their clients have gone
     after = rss_kb(pid)
     growth_mb = (after - before) / 1024
     print(

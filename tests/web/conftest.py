@@ -4,12 +4,12 @@ real `xllm serve` process on the tiny random model."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import servers
 from tests.servers import ServerProcess
 
 CHROMIUM = Path(os.environ.get("XLLM_CHROMIUM", "/usr/bin/chromium"))
@@ -54,11 +54,7 @@ window.fetch = function (input, init) {
 def wait_until(page, predicate: str, timeout: float = 20) -> None:
     """Poll a JS function until it returns true (Playwright's wait_for_function compiles its
     predicate with `new Function`, which the page's Content-Security-Policy rightly refuses)."""
-    deadline = time.monotonic() + timeout
-    while not page.evaluate(predicate):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"still false after {timeout} s: {predicate}")
-        time.sleep(0.05)
+    servers.wait_until(lambda: page.evaluate(predicate), timeout, predicate, interval=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,21 @@ its answers are noise, which is all a UI test needs)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import re
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
 
+from tests import servers
+from tests.servers import ServerProcess
 from tests.web.conftest import wait_until
 
 RED = (220, 30, 30)
@@ -173,6 +178,23 @@ def check_screenshot(path: Path) -> None:
     assert red > 500, "the image preview is not on the screenshot"
 
 
+@contextlib.contextmanager
+def engine_held(server: ServerProcess) -> Iterator[None]:
+    """The server's engine process stopped (SIGSTOP) for the block: no token is generated."""
+    pid = server.engine_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def free_slots(server: ServerProcess) -> None:
+    servers.wait_until(
+        lambda: server.metric("xllm_num_requests_running") == 0, what="the slot to be freed"
+    )
+
+
 def test_stop_button_cancels_the_generation(open_page, web_server):
     page = open_page()
     settings(page, ignore_eos=True, max_tokens="1500")
@@ -180,14 +202,14 @@ def test_stop_button_cancels_the_generation(open_page, web_server):
     page.press("#prompt", "Enter")
     answer = page.locator(".msg.assistant").first
     wait_until(page, "() => document.querySelector('.msg.assistant .text').textContent.length > 20")
-    assert page.is_visible("#stop") and page.is_disabled("#send")
-    assert web_server.metric("xllm_num_requests_running") == 1
-
-    page.click("#stop")
-    stopped = time.monotonic()
-    while web_server.metric("xllm_num_requests_running") != 0:
-        assert time.monotonic() - stopped < 2, "the slot was not freed after Stop"
-        time.sleep(0.05)
+    generated = web_server.metric("xllm_generated_tokens_total")
+    with engine_held(web_server):  # the answer is still being written, on any machine
+        assert page.is_visible("#stop") and page.is_disabled("#send")
+        assert web_server.metric("xllm_num_requests_running") == 1
+        page.click("#stop")
+    free_slots(web_server)
+    # Stopped, not run to its 1,500 tokens.
+    assert web_server.metric("xllm_generated_tokens_total") - generated < 1500
     answer.locator(".meta").wait_for()
     assert "stopped" in answer.locator(".meta").inner_text()
     assert page.is_hidden("#stop") and page.is_enabled("#send")
@@ -210,13 +232,13 @@ def test_stop_button_cancels_the_generation(open_page, web_server):
     page.fill("#prompt", "Another long one.")
     page.press("#prompt", "Enter")
     wait_until(page, "() => document.querySelectorAll('.msg.assistant')[2].textContent.length > 20")
-    page.click("#new-chat")
-    stopped = time.monotonic()
-    while web_server.metric("xllm_num_requests_running") != 0:
-        assert time.monotonic() - stopped < 2, "the slot was not freed after New chat"
-        time.sleep(0.05)
-    time.sleep(0.2)
-    assert page.locator(".msg").count() == 0 and page.input_value("#prompt") == ""
+    generated = web_server.metric("xllm_generated_tokens_total")
+    with engine_held(web_server):
+        page.click("#new-chat")
+    free_slots(web_server)
+    assert web_server.metric("xllm_generated_tokens_total") - generated < 1500
+    wait_until(page, "() => document.querySelectorAll('.msg').length === 0")
+    assert page.input_value("#prompt") == ""
     assert page.is_enabled("#send") and page.is_hidden("#stop")
     assert page.errors == [] and page.evaluate("window.__csp") == []
 
