@@ -106,6 +106,9 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
         stall_timeout=s.stall_timeout or None,
         compile=s.compile,
         gpu_memory_utilization=s.gpu_memory_utilization,
+        kv_cache_memory_bytes=(
+            int(s.kv_cache_memory_gb * 2**30) if s.kv_cache_memory_gb is not None else None
+        ),
     )
     engine: Engine | EngineProcess
     try:

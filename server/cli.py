@@ -34,6 +34,11 @@ _FLAGS: dict[str, tuple[type, str]] = {
     ),
     "--media-workers": (int, "threads decoding media (default 2)"),
     "--torch-threads": (int, "model worker threads on the CPU (default: cores - 1)"),
+    "--kv-cache-memory-gb": (
+        float,
+        "memory for the KV cache in GiB; sizes the KV slots, at most --max-batch (default: on "
+        "the CPU a quarter of the memory available at start-up)",
+    ),
     "--gpu-memory-utilization": (
         float,
         "CUDA: share of the GPU's memory to use (weights, activations, KV cache), e.g. 0.9; "

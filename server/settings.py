@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         "activations, KV cache); the KV slots are sized from it, at most max_batch. Does not "
         "apply on the CPU. Default: max_batch slots",
     )
+    kv_cache_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory for the KV cache in GiB; the KV slots (at most max_batch) are sized "
+        "from it. Default: on the CPU a quarter of the memory available at start-up; on CUDA "
+        "max_batch slots (or gpu_memory_utilization's share)",
+    )
     engine: Literal["process", "thread"] = Field(
         "process",
         description="where the model loop runs: its own process (a core and an interpreter of "

@@ -20,11 +20,13 @@ wedged (not alive), so /ready says 503 and the server's watchdog exits for the s
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -76,6 +78,37 @@ class EngineConfig:
     # On CUDA: the share of the GPU's memory this server may use (weights, activations and KV
     # cache, like vLLM); the KV slots are sized from it, at most max_batch. None: max_batch slots.
     gpu_memory_utilization: float | None = None
+    # Bytes the KV cache may take; the slots (at most max_batch) are sized from it. None: on the
+    # CPU, CPU_KV_SHARE of the memory available at start-up; on CUDA, max_batch slots (or
+    # gpu_memory_utilization's share).
+    kv_cache_memory_bytes: int | None = None
+
+
+# A CPU server's default KV budget, as a share of MemAvailable: weights, activations, media and
+# the API process live in the rest.
+CPU_KV_SHARE = 0.25
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux); elsewhere the physical memory as os.sysconf has it."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def slots_for_budget(budget_bytes: int, slot_bytes: int, what: str) -> int:
+    """Whole KV slots in `budget_bytes`; ValueError naming `what` set the budget when none fits."""
+    slots = max(budget_bytes, 0) // slot_bytes
+    if slots < 1:
+        raise ValueError(
+            f"{what} leaves {budget_bytes / 2**30:.2f} GiB for the KV cache, less than one slot "
+            f"({slot_bytes / 2**30:.2f} GiB): give it more memory or lower max_model_len"
+        )
+    return slots
 
 
 # Outside the KV cache: the CUDA context's workspaces, cuBLAS and CUDA-graph pools (estimate).
@@ -92,14 +125,7 @@ def slots_for_memory(
     Raises ValueError when not even one slot fits.
     """
     budget = int(utilization * total_bytes) - (total_bytes - free_bytes) - reserve_bytes
-    slots = max(budget, 0) // slot_bytes
-    if slots < 1:
-        raise ValueError(
-            f"gpu_memory_utilization {utilization:g} leaves {budget / 2**30:.2f} GiB for the KV "
-            f"cache, less than one slot ({slot_bytes / 2**30:.2f} GiB): raise it or lower "
-            "max_model_len"
-        )
-    return slots
+    return slots_for_budget(budget, slot_bytes, f"gpu_memory_utilization {utilization:g}")
 
 
 def activation_reserve_bytes(llm: torch.nn.Module, prefill_chunk: int, max_batch: int) -> int:
@@ -260,23 +286,41 @@ class Engine(AdmissionControl):
         self.fault_injector: Callable[[str], None] | None = None  # tests: raise inside a step
 
     def _num_slots(self, config: EngineConfig) -> int:
-        """max_batch, or fewer where --gpu-memory-utilization leaves room for fewer (CUDA)."""
+        """max_batch, or fewer where the KV budget (bytes, CPU memory, a GPU share) holds fewer."""
+        llm = self.model.llm
+        slot_bytes = kv_bytes_per_position(llm) * self.max_model_len
+        on_cuda = self.model.device.type == "cuda"
+        if config.kv_cache_memory_bytes is not None or not on_cuda:
+            if config.gpu_memory_utilization is not None and not on_cuda:
+                log.info("gpu_memory_utilization does not apply on the CPU")
+            if config.kv_cache_memory_bytes is not None:
+                budget, what = config.kv_cache_memory_bytes, "kv_cache_memory"
+            else:
+                available = available_memory_bytes()
+                budget = int(CPU_KV_SHARE * available)
+                what = f"{CPU_KV_SHARE:.0%} of the {available / 2**30:.1f} GiB of memory available"
+            fit = slots_for_budget(budget, slot_bytes, what)
+            slots = min(fit, config.max_batch)
+            log.info(
+                "KV cache sized from memory",
+                extra={
+                    "slots": slots,
+                    "max_batch": config.max_batch,
+                    "max_model_len": self.max_model_len,
+                    "kv_cache_mb": round(slots * slot_bytes / 2**20, 1),
+                    "budget_mb": round(budget / 2**20, 1),
+                },
+            )
+            return slots
         if config.gpu_memory_utilization is None:
             return config.max_batch
-        if self.model.device.type != "cuda":
-            log.info(
-                "gpu_memory_utilization does not apply on the CPU: %d KV slots (max_batch)",
-                config.max_batch,
-            )
-            return config.max_batch
-        llm = self.model.llm
         torch.cuda.empty_cache()  # blocks the allocator caches count as used otherwise
         free, total = torch.cuda.mem_get_info(self.model.device)
         fit = slots_for_memory(
             free_bytes=free,
             total_bytes=total,
             utilization=config.gpu_memory_utilization,
-            slot_bytes=kv_bytes_per_position(llm) * self.max_model_len,
+            slot_bytes=slot_bytes,
             reserve_bytes=activation_reserve_bytes(llm, config.prefill_chunk, config.max_batch),
         )
         log.info(

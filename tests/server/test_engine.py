@@ -89,6 +89,29 @@ def test_gpu_memory_utilization_leaves_the_cpu_engine_alone(model, caplog):
     assert "does not apply on the CPU" in caplog.text
 
 
+def test_kv_slots_fit_the_kv_memory_budget(model):
+    slot = 64 * kv_bytes_per_position(model.llm)
+    engine = Engine(
+        model, EngineConfig(max_batch=8, max_model_len=64, kv_cache_memory_bytes=3 * slot)
+    )
+    assert engine.config.max_batch == engine.cache.num_slots == 3  # whole slots in the budget
+    assert engine.cache.bytes == 3 * slot
+    with pytest.raises(ValueError, match="less than one slot"):
+        Engine(model, EngineConfig(max_model_len=64, kv_cache_memory_bytes=slot - 1))
+
+
+def test_the_cpu_default_kv_budget_is_a_share_of_available_memory(model, monkeypatch, caplog):
+    slot = 64 * kv_bytes_per_position(model.llm)
+    available = int(5 * slot / worker.CPU_KV_SHARE)  # room for 5 slots in the default share
+    monkeypatch.setattr(worker, "available_memory_bytes", lambda: available)
+    with caplog.at_level("INFO", logger="xllm.engine"):
+        engine = Engine(model, EngineConfig(max_batch=32, max_model_len=64))
+    assert engine.config.max_batch == engine.cache.num_slots == 5
+    assert "KV cache sized from memory" in caplog.text
+    roomy = Engine(model, EngineConfig(max_batch=4, max_model_len=64))
+    assert roomy.config.max_batch == 4  # never more than max_batch
+
+
 def test_encoder_cache_is_bounded_in_bytes():
     cache = EncoderCache(max_bytes=3 * 64 * 4)  # room for three (16, 4) float32 tensors
     for key in "abcd":
