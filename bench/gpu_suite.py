@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
@@ -49,30 +48,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def ensure_importable() -> None:
-    """Make `xllm` importable from this checkout when it is not installed (a bare GPU machine)."""
+    """Make `xllm` importable from this checkout when it is not installed (a bare GPU machine):
+    the checkout's root holds the package (xllm/)."""
     try:
         import xllm.server.engine.worker  # noqa: F401
-
-        return
     except ImportError:
-        pass
-    for name, folder in (
-        ("xllm", "cli"),
-        ("xllm.model", "model"),
-        ("xllm.server", "server"),
-        ("xllm.clients", "clients"),
-    ):
-        path = ROOT / folder
-        spec = importlib.util.spec_from_file_location(
-            name, path / "__init__.py", submodule_search_locations=[str(path)]
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        if "." in name:
-            parent, _, child = name.rpartition(".")
-            setattr(sys.modules[parent], child, module)
+        sys.path.insert(0, str(ROOT))
 
 
 @dataclass
