@@ -6,7 +6,7 @@
   sequence or several of consecutive slots in one forward.
 - `SlotDecoder`: one decode step over the slot prefix [0, B), plain or compiled (torch.compile,
   bucketed static shapes, CUDA graphs).
-- `sample_next`: per-row logits processing and sampling.
+- `sample` / `sample_next`: per-row logits processing (penalties), sampling, logprobs.
 - `SequenceState`: what one sequence has produced (tokens, text, stop/length state).
 - `generate`: the single-request loop built from these, used by the CLI; the server's scheduler
   drives the same functions for many sequences at once.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
@@ -25,6 +26,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from xllm.model.config import SamplingDefaults
+
+# The ranges of the OpenAI sampling parameters, for every layer that checks them (the HTTP
+# schemas and SamplingParams.validate).
+PENALTY_LIMIT = 2.0  # presence_penalty and frequency_penalty lie in [-PENALTY_LIMIT, PENALTY_LIMIT]
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (chat's top_logprobs)
+MAX_COMPLETION_LOGPROBS = 5  # the same for /v1/completions' `logprobs` (OpenAI's legacy limit)
 
 
 @dataclass
@@ -35,9 +42,15 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # over the tokens generated so far (HF semantics)
+    # OpenAI's: logits[t] -= presence * (count[t] > 0) + frequency * count[t], counts over the
+    # tokens generated so far
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # None: no logprobs; k: each token's logprob and the k most likely tokens' (see `sample`)
+    logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError with a message naming the bad field."""
@@ -53,6 +66,11 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -PENALTY_LIMIT <= getattr(self, name) <= PENALTY_LIMIT:
+                raise ValueError(f"{name} must be between {-PENALTY_LIMIT:g} and {PENALTY_LIMIT:g}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
 
@@ -412,6 +430,25 @@ def decode_rows(
     return forward_rows(llm, cache, embeds, 0, positions[:, None], key_positions.shape[0])
 
 
+class SampledLogprobs(NamedTuple):
+    """One sampled token's logprob and the most likely tokens', for a row that asked."""
+
+    logprob: float
+    top_ids: tuple[int, ...]  # most likely first
+    top_logprobs: tuple[float, ...]
+
+
+@dataclass
+class Sampled:
+    tokens: list[int]  # one per row
+    logprobs: list[SampledLogprobs | None]  # None for the rows that did not ask
+
+
+# What a logprob of -inf (a token the request's min_tokens forbids) is reported as: JSON has no
+# infinity, and OpenAI reports impossible tokens the same way.
+MIN_LOGPROB = -9999.0
+
+
 def sample_next(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -419,20 +456,69 @@ def sample_next(
     generators: Sequence[torch.Generator | None],
     eos_ids: Sequence[int],
 ) -> list[int]:
-    """Next token per row of logits (B, V), each row with its own sampling parameters.
+    """Next token per row of logits (B, V), each row with its own sampling parameters."""
+    return sample(logits, params, histories, generators, eos_ids).tokens
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[Sequence[int]],
+    generators: Sequence[torch.Generator | None],
+    eos_ids: Sequence[int],
+) -> Sampled:
+    """Next token per row of logits (B, V), each row with its own sampling parameters, and the
+    logprobs of the rows whose params ask for them.
 
     Logits processing runs batched over the rows that need it; only the draw itself is per
-    row (each request has its own seeded generator).
+    row (each request has its own seeded generator). Reported logprobs are those of the
+    distribution the row samples from after penalties and temperature (temperature 0 reads
+    as 1: a greedy row reports the model's own distribution), before top-k / top-p truncation,
+    so they cover the whole vocabulary. Rows that did not ask cost nothing but the check.
     """
     logits = penalised(logits, params, histories, eos_ids)
     tokens = logits.argmax(dim=-1).tolist()
     sampled = [row for row, p in enumerate(params) if p.temperature != 0]
-    if not sampled:
-        return tokens
-    probs = sampling_probs(logits[sampled], [params[row] for row in sampled]).cpu()
-    for i, row in enumerate(sampled):
-        tokens[row] = int(torch.multinomial(probs[i], 1, generator=generators[row]).item())
-    return tokens
+    if sampled:
+        probs = sampling_probs(logits[sampled], [params[row] for row in sampled]).cpu()
+        for i, row in enumerate(sampled):
+            tokens[row] = int(torch.multinomial(probs[i], 1, generator=generators[row]).item())
+    logprobs: list[SampledLogprobs | None] = [None] * len(params)
+    asked = [row for row, p in enumerate(params) if p.logprobs is not None]
+    if asked:
+        for row, entry in zip(asked, token_logprobs(logits, params, tokens, asked), strict=True):
+            logprobs[row] = entry
+    return Sampled(tokens, logprobs)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    tokens: Sequence[int],
+    rows: Sequence[int],
+) -> list[SampledLogprobs]:
+    """Logprobs of `rows` of the processed logits (B, V): each row's sampled token and its
+    params.logprobs most likely tokens. Batched over the A rows: log_softmax(x) = x -
+    logsumexp(x), so only a logsumexp (A,), a gather and a top-k (A, k) are computed, never a
+    (A, V) log_softmax; one copy to the host."""
+    device = logits.device
+    scores = logits if len(rows) == len(logits) else logits[torch.tensor(rows, device=device)]
+    temperature = [params[r].temperature or 1.0 for r in rows]
+    if any(t != 1.0 for t in temperature):
+        scores = scores / torch.tensor(temperature, device=device, dtype=scores.dtype)[:, None]
+    norm = scores.logsumexp(dim=-1, keepdim=True)  # (A, 1)
+    chosen = torch.tensor([tokens[r] for r in rows], device=device)[:, None]
+    k = min(max(params[r].logprobs or 0 for r in rows), scores.shape[-1])
+    top_scores, top_ids = scores.topk(k, dim=-1) if k else (scores[:, :0], chosen[:, :0])
+    # (A, 1 + k): the sampled token's logprob, then the top k's
+    values = (torch.cat([scores.gather(-1, chosen), top_scores], dim=-1) - norm).clamp(
+        min=MIN_LOGPROB
+    )
+    out = []
+    for row, row_values, row_ids in zip(rows, values.tolist(), top_ids.tolist(), strict=True):
+        n = params[row].logprobs or 0
+        out.append(SampledLogprobs(row_values[0], tuple(row_ids[:n]), tuple(row_values[1 : 1 + n])))
+    return out
 
 
 def penalised(
@@ -441,33 +527,63 @@ def penalised(
     histories: Sequence[Sequence[int]],
     eos_ids: Sequence[int],
 ) -> torch.Tensor:
-    """logits (B, V) after the repetition penalty (HF semantics) and min_tokens EOS suppression.
+    """logits (B, V) after the penalties on the tokens generated so far and min_tokens EOS
+    suppression.
 
-    One indexed update each over every row that needs it; the input is returned as it is when
-    no row does (the common case), else a copy (a failed batch is retried row by row on it).
+    Penalties, for the R rows that have any: token counts (R, V) from one scatter over their
+    histories, then HF's repetition penalty on the tokens seen (negative scores multiplied,
+    positive divided) and OpenAI's presence (x seen) and frequency (x count) penalties
+    subtracted, in a few batched ops. A default penalty leaves scores exactly as they are.
+    The input is returned as it is when no row needs anything (the common case), else a copy
+    (a failed batch is retried row by row on it).
     """
-    repeat_rows = [r for r, p in enumerate(params) if p.repetition_penalty != 1.0 and histories[r]]
+    penalty_rows = [
+        r
+        for r, p in enumerate(params)
+        if histories[r]
+        and (p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0)
+    ]
     eos_rows = [r for r, p in enumerate(params) if len(histories[r]) < p.min_tokens]
     if not eos_ids:
         eos_rows = []
-    if not repeat_rows and not eos_rows:
+    if not penalty_rows and not eos_rows:
         return logits
     logits = logits.clone()
     device = logits.device
-    if repeat_rows:
-        seen = [sorted(set(histories[r])) for r in repeat_rows]
-        width = max(len(ids) for ids in seen)
-        # (R, width) token ids, short rows padded with their own first id (written twice, alike)
-        ids = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in seen], device=device)
-        rows = torch.tensor(repeat_rows, device=device)[:, None]
-        penalty = torch.tensor([params[r].repetition_penalty for r in repeat_rows], device=device)
-        penalty = penalty.to(logits.dtype)[:, None]
-        scores = logits[rows, ids]
-        logits[rows, ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    if penalty_rows:
+        rows = torch.tensor(penalty_rows, device=device)
+        counts = token_counts([histories[r] for r in penalty_rows], logits.shape[-1], device)
+        seen = counts > 0
+        dtype = logits.dtype
+
+        def column(name: str) -> torch.Tensor:  # (R, 1): one parameter of every penalty row
+            values = [getattr(params[r], name) for r in penalty_rows]
+            return torch.tensor(values, device=device, dtype=dtype)[:, None]
+
+        scores = logits[rows]  # (R, V)
+        repetition = column("repetition_penalty")
+        repeated = torch.where(scores < 0, scores * repetition, scores / repetition)
+        scores = torch.where(seen, repeated, scores)
+        scores = scores - column("presence_penalty") * seen - column("frequency_penalty") * counts
+        logits[rows] = scores
     if eos_rows:
         rows = torch.tensor(eos_rows, device=device)[:, None]
         logits[rows, torch.tensor(list(eos_ids), device=device)[None, :]] = float("-inf")
     return logits
+
+
+def token_counts(
+    histories: Sequence[Sequence[int]], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """(R, vocab) float32: how often each token occurs in each history (histories non-empty).
+
+    One scatter_add over the histories padded to the longest (pads add 0 to token 0)."""
+    width = max(len(h) for h in histories)
+    ids = torch.tensor([list(h) + [0] * (width - len(h)) for h in histories], device=device)
+    lengths = torch.tensor([len(h) for h in histories], device=device)[:, None]
+    weights = (torch.arange(width, device=device)[None, :] < lengths).float()  # (R, width)
+    counts = torch.zeros(len(histories), vocab, device=device)
+    return counts.scatter_add_(1, ids, weights)
 
 
 def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -530,6 +646,35 @@ class IncrementalDetokenizer:
         return full[len(prefix) :]
 
 
+class TokenBytes:
+    """Token id -> the bytes it stands for, memoised (logprobs report them per token).
+
+    Byte-level BPE tokens map back to their exact bytes, so a token holding part of a UTF-8
+    character gives those bytes; other tokenizers (and special tokens outside the byte alphabet)
+    give the UTF-8 of the token decoded alone."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+        self._byte_of = {c: b for b, c in bytes_to_unicode().items()} if byte_level else None
+        self._memo: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        known = self._memo.get(token_id)
+        if known is not None:
+            return known
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self._byte_of is not None and piece and all(c in self._byte_of for c in piece):
+            known = bytes(self._byte_of[c] for c in piece)
+        else:
+            known = self.tokenizer.decode([token_id]).encode()
+        self._memo[token_id] = known
+        return known
+
+
 @dataclass
 class SequenceState:
     """One sequence's decoding state: tokens, emitted text, and why it ended."""
@@ -537,6 +682,9 @@ class SequenceState:
     params: SamplingParams
     eos_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer
+    # A chat template ends the prompt before the answer's newline (see append); a raw prompt
+    # (/v1/completions) has no template, and its continuation is kept as generated.
+    strip_leading_newline: bool = True
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # everything emitted so far
     _held: str = ""  # text withheld because it may be the start of a stop string
@@ -550,7 +698,7 @@ class SequenceState:
             self.finish_reason = "stop"
             return self._flush()
         pending = self._held + self.detokenizer.push(token)
-        if not self.text:
+        if not self.text and self.strip_leading_newline:
             # GLM's template ends the prompt with `<|assistant|>` and the model answers "\n...":
             # that newline belongs to the template, not the answer (nor to a "\n" stop string).
             pending = pending.lstrip("\n")

@@ -30,7 +30,7 @@ from xllm.server.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
 )
-from xllm.server.routers import chat, health, openai, web
+from xllm.server.routers import chat, completions, health, openai, web
 from xllm.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def create_app(settings: Settings, model: XLLM | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    for router in (chat.router, openai.router, health.router, web.router):
+    for router in (chat.router, openai.router, completions.router, health.router, web.router):
         app.include_router(router)
     _add_error_handlers(app)
     # Middleware added first runs innermost: the key check sits inside CORS (preflights and 401s

@@ -1,10 +1,16 @@
-"""Pydantic models of the HTTP API: `/chat` replies and the OpenAI Chat Completions schema."""
+"""Pydantic models of the HTTP API: `/chat` replies and the OpenAI Chat Completions and
+(legacy) Completions schemas."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from xllm.model.generate import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS, PENALTY_LIMIT
+
+# OpenAI's presence_penalty / frequency_penalty field, range from the sampler's own constant
+Penalty = Annotated[float | None, Field(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)]
 
 
 class ErrorBody(BaseModel):
@@ -121,10 +127,10 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -140,11 +146,56 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+def token_text(token: bytes) -> str:
+    """A token's bytes as text; a token that is not whole UTF-8 (part of a character) as
+    `bytes:\\xe2\\x80` (OpenAI's form), so that distinct tokens never read the same."""
+    try:
+        return token.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in token)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(BaseModel):
+    """One generated token. Logprobs are those of the distribution sampled from after the
+    penalties and temperature (the model's own at temperature 0), before top-k / top-p."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+    @classmethod
+    def of(cls, entry: Any) -> TokenLogprob:
+        """From the engine's TokenLogprobs (token bytes, logprob, top (bytes, logprob) pairs)."""
+        return cls(
+            token=token_text(entry.token),
+            logprob=entry.logprob,
+            bytes=list(entry.token),
+            top_logprobs=[
+                TopLogprob(token=token_text(t), logprob=lp, bytes=list(t)) for t, lp in entry.top
+            ],
+        )
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+    @classmethod
+    def of(cls, entries: list[Any]) -> ChoiceLogprobs:
+        return cls(content=[TokenLogprob.of(e) for e in entries])
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -165,7 +216,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None  # the entries of the tokens in this delta
 
 
 class ChatCompletionChunk(BaseModel):
@@ -174,6 +225,81 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
+    usage: UsageInfo | None = None
+
+
+# --- POST /v1/completions (OpenAI's legacy Completions) ---
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are checked by name in serving
+
+    model: str | None = None
+    prompt: str | list[str] = Field(
+        description="raw text (no chat template); a list: a choice each"
+    )
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    best_of: int | None = Field(None, ge=1)
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+    # extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    repetition_penalty: float | None = Field(None, gt=0)
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy format: per token its text, logprob, the most likely alternatives
+    ({text: logprob}) and its character offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: list[Any], offset: int = 0, before: bytes = b"") -> CompletionLogprobs:
+        """From the engine's TokenLogprobs. A token's text_offset is `offset` plus the whole
+        characters of the tokens before it (`before`: the bytes of earlier tokens of the
+        choice, for a stream's later chunks)."""
+        offsets, seen = [], before
+        for entry in entries:
+            offsets.append(offset + len(seen.decode("utf-8", errors="ignore")))
+            seen += entry.token
+        return cls(
+            tokens=[token_text(e.token) for e in entries],
+            token_logprobs=[e.logprob for e in entries],
+            top_logprobs=[{token_text(t): lp for t, lp in e.top} for e in entries],
+            text_offset=offsets,
+        )
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None  # None until a stream's choice ends
+    logprobs: CompletionLogprobs | None = None
+
+
+class TextCompletion(BaseModel):
+    """A completion, or (streaming) one chunk of it: same object, text deltas in choices."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
 

@@ -41,13 +41,14 @@ from xllm.server.engine.events import (
     Event,
     FinishEvent,
     RequestHandle,
+    TokenLogprobs,
     Usage,
 )
 from xllm.server.engine.process import EngineProcess
 from xllm.server.engine.worker import Engine, EngineFull, EngineUnavailable
 from xllm.server.errors import ServingError
 from xllm.server.metrics import Metrics
-from xllm.server.protocol import ChatCompletionRequest
+from xllm.server.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.server.remote_media import RemoteMediaFetcher
 
 log = logging.getLogger("xllm.serving")
@@ -65,6 +66,7 @@ class ChatInput:
     media: list[MediaInput]
     overrides: dict[str, Any] = field(default_factory=dict)  # sampling fields the client set
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt: str | None = None  # raw text instead of turns: no chat template (/v1/completions)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Completion:
     text: str
     finish_reason: str
     usage: Usage
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, if asked
 
 
 class Generation:
@@ -115,13 +118,15 @@ class Generation:
                 yield event
 
     async def collect(self) -> Completion:
-        parts = []
+        parts, logprobs = [], []
         async for event in self.events():
             if isinstance(event, ErrorEvent):
                 raise ServingError(event.message, event.status, event.type)
             parts.append(event.text)
+            if event.logprobs is not None:
+                logprobs.append(event.logprobs)
             if isinstance(event, FinishEvent):
-                return Completion("".join(parts), event.finish_reason, event.usage)
+                return Completion("".join(parts), event.finish_reason, event.usage, logprobs)
         raise ServingError("the request ended without an answer", 500)
 
     def cancel(self) -> None:
@@ -159,10 +164,43 @@ SAMPLING_FIELDS = (
     "top_p",
     "top_k",
     "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
     "seed",
     "stop",
     "ignore_eos",
+    "logprobs",
 )
+
+
+async def merged_event_batches(
+    generations: list[Generation],
+) -> AsyncIterator[tuple[int, list[Event]]]:
+    """(index, events) of several generations (one per choice) as each produces them; ends
+    when all have ended. Leaving early (or an error) cancels the ones still running."""
+    queue: asyncio.Queue[tuple[int, list[Event] | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for batch in generation.event_batches():
+                await queue.put((index, batch))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(tasks)
+        while running:
+            index, batch = await queue.get()
+            if batch is None:
+                running -= 1
+            else:
+                yield index, batch
+    finally:
+        for task in tasks:
+            task.cancel()
+        for generation in generations:
+            generation.cancel()
 
 
 class ChatService:
@@ -193,6 +231,17 @@ class ChatService:
         finally:
             generation.cancel()
 
+    async def start_all(self, chats: list[ChatInput]) -> list[Generation]:
+        """Start several requests (the choices of one reply); if one is refused, none runs."""
+        started = await asyncio.gather(*(self.start(c) for c in chats), return_exceptions=True)
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:
+            for result in started:
+                if isinstance(result, Generation):
+                    result.cancel()
+            raise failed[0]
+        return started  # type: ignore[return-value]
+
     async def start(self, chat: ChatInput) -> Generation:
         params, max_tokens_given = self._params(chat.overrides)
         self._check_media_count(len(chat.media))
@@ -203,8 +252,9 @@ class ChatService:
                     f"{', '.join(self.preparer.modalities) or 'text only'})",
                     400,
                 )
-        self._check_prompt_size(chat.turns)
-        for _, text in chat.turns:
+        texts = chat.turns if chat.prompt is None else [("user", chat.prompt)]
+        self._check_prompt_size(texts)
+        for _, text in texts:
             try:
                 text.encode()
             except UnicodeEncodeError:  # JSON "\ud800": the tokenizer would fail in the worker
@@ -212,7 +262,11 @@ class ChatService:
                     "message text is not valid Unicode (a lone surrogate)", 400
                 ) from None
         try:
-            messages = bind_media(chat.turns, [m.kind for m in chat.media])
+            messages = (
+                []
+                if chat.prompt is not None
+                else bind_media(chat.turns, [m.kind for m in chat.media])
+            )
         except PromptError as exc:
             raise ServingError(str(exc), 400) from None
         try:
@@ -241,7 +295,7 @@ class ChatService:
             raise
         handle = RequestHandle(chat.request_id, asyncio.get_running_loop())
         request = EngineRequest(
-            chat.request_id, messages, prepared, params, max_tokens_given, arrival
+            chat.request_id, messages, prepared, params, max_tokens_given, arrival, chat.prompt
         )
         self.engine.submit(request, handle)
         try:
@@ -326,15 +380,12 @@ class ChatService:
     async def from_openai(self, request: ChatCompletionRequest, request_id: str) -> ChatInput:
         unsupported = {
             "n": request.n not in (None, 1),
-            "logprobs": bool(request.logprobs) or request.top_logprobs is not None,
             "tools": bool(request.tools) or request.tool_choice not in (None, "none"),
             "response_format": request.response_format not in (None, {"type": "text"}),
-            "presence_penalty": request.presence_penalty not in (None, 0, 0.0),
-            "frequency_penalty": request.frequency_penalty not in (None, 0, 0.0),
         }
-        for name, used in unsupported.items():
-            if used:
-                raise ServingError(f"'{name}' is not supported by this server", 400)
+        _refuse_unsupported(unsupported)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise ServingError("'top_logprobs' needs 'logprobs': true", 400)
         # Counted before any URL is fetched or data URI decoded.
         self._check_media_count(
             sum(
@@ -371,7 +422,35 @@ class ChatService:
         overrides["max_tokens"] = request.max_completion_tokens or request.max_tokens
         if isinstance(request.stop, str):
             overrides["stop"] = [request.stop]
+        overrides["logprobs"] = (request.top_logprobs or 0) if request.logprobs else None
         return ChatInput(turns, media, overrides, request_id)
+
+    # --- OpenAI legacy completion request -> one ChatInput per prompt ---
+    def from_completion(self, request: CompletionRequest, request_id: str) -> list[ChatInput]:
+        _refuse_unsupported(
+            {
+                "n": request.n not in (None, 1),
+                "best_of": request.best_of not in (None, 1),
+                "logit_bias": bool(request.logit_bias),
+                "suffix": request.suffix is not None,
+            }
+        )
+        if request.echo and request.logprobs is not None:
+            raise ServingError(
+                "'echo' with 'logprobs' is not supported by this server (the prompt's logprobs "
+                "are not computed); use one of them",
+                400,
+            )
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if not prompts:
+            raise ServingError("'prompt' is an empty list", 400)
+        overrides = {name: getattr(request, name) for name in SAMPLING_FIELDS}
+        if isinstance(request.stop, str):
+            overrides["stop"] = [request.stop]
+        return [
+            ChatInput([], [], dict(overrides), f"{request_id}-{i}" if i else request_id, prompt)
+            for i, prompt in enumerate(prompts)
+        ]
 
     async def _media_url(self, url: str, kind: str) -> bytes:
         if url.startswith("data:"):
@@ -385,6 +464,12 @@ class ChatService:
             return await self.fetcher.fetch(url)
         scheme = url.split(":", 1)[0] if ":" in url else url[:16]
         raise ServingError(f"unsupported {kind} URL scheme '{scheme}': use a data URI", 400)
+
+
+def _refuse_unsupported(used: dict[str, bool]) -> None:
+    for name, is_used in used.items():
+        if is_used:
+            raise ServingError(f"'{name}' is not supported by this server", 400)
 
 
 def _b64(payload: str, what: str) -> bytes:

@@ -8,7 +8,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from xllm.model.generate import SamplingParams
 from xllm.model.prompt import Message
@@ -23,6 +23,7 @@ class EngineRequest:
     params: SamplingParams
     max_tokens_given: bool  # False: max_tokens = rest of the context, capped by the default
     arrival: float = field(default_factory=time.monotonic)
+    prompt: str | None = None  # raw text, no chat template (/v1/completions); messages unused
 
 
 @dataclass
@@ -35,10 +36,20 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+class TokenLogprobs(NamedTuple):
+    """A generated token's logprob and its most likely alternatives', for a request that asked
+    (params.logprobs). Tuples of bytes and floats: it crosses the engine process's pipe."""
+
+    token: bytes  # the token's bytes (see TokenBytes)
+    logprob: float
+    top: tuple[tuple[bytes, float], ...]  # (bytes, logprob), most likely first
+
+
 @dataclass
 class TokenEvent:
     text: str  # may be empty (a token that completes no character yet, or held for stop strings)
     token: int
+    logprobs: TokenLogprobs | None = None  # only when the request asked
 
 
 @dataclass
@@ -46,6 +57,7 @@ class FinishEvent:
     finish_reason: str  # "stop" | "length"
     text: str  # the final text delta (held text flushed at the end), possibly empty
     usage: Usage
+    logprobs: TokenLogprobs | None = None  # the last token's, when the request asked
 
 
 @dataclass

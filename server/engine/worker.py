@@ -33,15 +33,19 @@ import torch
 from xllm.model.generate import (
     CompileOptions,
     IncrementalDetokenizer,
+    Sampled,
+    SampledLogprobs,
     SequenceState,
     SlotDecoder,
     SlotKVCache,
+    TokenBytes,
     eos_token_ids,
     kv_bytes_per_position,
     make_generator,
     prefill_rows,
-    sample_next,
+    sample,
 )
+from xllm.model.prompt import PromptLayout
 from xllm.model.xllm import XLLM, EncodedMedia
 from xllm.server.engine.encoder_cache import EncoderCache
 from xllm.server.engine.events import (
@@ -50,6 +54,7 @@ from xllm.server.engine.events import (
     FinishEvent,
     RequestHandle,
     TokenEvent,
+    TokenLogprobs,
     Usage,
 )
 from xllm.server.engine.scheduler import Phase, Scheduled, Scheduler
@@ -275,6 +280,7 @@ class Engine(AdmissionControl):
         self.scheduler: Scheduler[Job] = Scheduler(config.max_batch, config.prefill_chunk)
         self.encoder_cache = EncoderCache(config.encoder_cache_mb * 2**20)
         self.eos = eos_token_ids(model.llm, model.tokenizer)
+        self.token_bytes = TokenBytes(model.tokenizer)  # for logprobs
         self._inbox: queue.Queue[Job] = queue.Queue()
         self._wake = threading.Event()
         self._exit = False
@@ -523,10 +529,17 @@ class Engine(AdmissionControl):
     def _lay_out(self, entry: Scheduled[Job], media: list[EncodedMedia]) -> None:
         job = entry.item
         request = job.request
-        layout = self.model.layout(request.messages, media)
+        if request.prompt is not None:
+            ids = self.model.tokenizer(request.prompt)["input_ids"]
+            layout = PromptLayout(token_ids=list(ids))
+        else:
+            layout = self.model.layout(request.messages, media)
         prompt_len = len(layout)
         params = request.params
         room = self.max_model_len - prompt_len
+        if prompt_len == 0:
+            self._finish(entry, ErrorEvent("the prompt is empty", 400, "invalid_request_error"))
+            return
         if not request.max_tokens_given:
             params.max_tokens = min(self.config.default_max_tokens, room)
         if room < 1 or params.max_tokens > room:
@@ -543,7 +556,12 @@ class Engine(AdmissionControl):
             return
         params.min_tokens = min(params.min_tokens, params.max_tokens)
         job.embeds = self.model.embed(layout, media)
-        job.state = SequenceState(params, self.eos, IncrementalDetokenizer(self.model.tokenizer))
+        job.state = SequenceState(
+            params,
+            self.eos,
+            IncrementalDetokenizer(self.model.tokenizer),
+            strip_leading_newline=request.prompt is None,
+        )
         job.generator = make_generator(params.seed)
         entry.prompt_len = prompt_len
         self.observer.tokens(prompt_len, 0)
@@ -613,10 +631,13 @@ class Engine(AdmissionControl):
             logits = logits[keep]
             if not batch:
                 return
-        batch, tokens = self._sample_rows(batch, logits)
+        batch, sampled = self._sample_rows(batch, logits)
         jobs = [e.item for e in batch]
         now = time.monotonic()
-        for entry, job, token in zip(batch, jobs, tokens, strict=True):
+        for entry, job, token, asked in zip(
+            batch, jobs, sampled.tokens, sampled.logprobs, strict=True
+        ):
+            logprobs = None if asked is None else self._token_logprobs(token, asked)
             state = job.state
             text = state.append(token)
             if len(state.tokens) == 1:
@@ -628,17 +649,25 @@ class Engine(AdmissionControl):
                 state.finish_reason = "length"  # the slot is full (never exceeds the context)
             if state.finish_reason is None:
                 job.next_token = token
-                job.handle.push(TokenEvent(text, token))
+                job.handle.push(TokenEvent(text, token, logprobs))
                 continue
             usage = Usage(entry.prompt_len, len(state.tokens))
             self.observer.tokens(0, len(state.tokens))
             self.observer.request_done(now - job.request.arrival)
-            self._finish(entry, FinishEvent(state.finish_reason, text, usage))
+            self._finish(entry, FinishEvent(state.finish_reason, text, usage, logprobs))
+
+    def _token_logprobs(self, token: int, sampled: SampledLogprobs) -> TokenLogprobs:
+        """Token ids -> their bytes (memoised per token id), for the event."""
+        to_bytes = self.token_bytes
+        top = tuple(
+            (to_bytes(i), lp) for i, lp in zip(sampled.top_ids, sampled.top_logprobs, strict=True)
+        )
+        return TokenLogprobs(to_bytes(token), sampled.logprob, top)
 
     def _sample_rows(
         self, batch: list[Scheduled[Job]], logits: torch.Tensor
-    ) -> tuple[list[Scheduled[Job]], list[int]]:
-        """sample_next over the batch; if it fails, row by row, failing only the rows that fail.
+    ) -> tuple[list[Scheduled[Job]], Sampled]:
+        """`sample` over the batch; if it fails, row by row, failing only the rows that fail.
 
         Finite logits can still give non-finite probabilities under a request's own parameters
         (a temperature of 1e-300, a repetition_penalty of 1e-300): that is the request's fault,
@@ -648,10 +677,10 @@ class Engine(AdmissionControl):
         """
         eos = sorted(self.eos)
 
-        def sample(entries: list[Scheduled[Job]], rows: torch.Tensor) -> list[int]:
+        def sample_rows(entries: list[Scheduled[Job]], rows: torch.Tensor) -> Sampled:
             jobs = [e.item for e in entries]
             states = [j.state for j in jobs]
-            return sample_next(
+            return sample(
                 rows,
                 [s.params for s in states],  # type: ignore[union-attr]
                 [s.tokens for s in states],  # type: ignore[union-attr]
@@ -660,19 +689,21 @@ class Engine(AdmissionControl):
             )
 
         try:
-            return batch, sample(batch, logits)
+            return batch, sample_rows(batch, logits)
         except Exception:
             if len(batch) == 1:
                 self._fail(batch, self._sampling_error(batch[0]), 400)
-                return [], []
-        kept, tokens = [], []
+                return [], Sampled([], [])
+        kept, sampled = [], Sampled([], [])
         for i, entry in enumerate(batch):
             try:
-                tokens += sample([entry], logits[i : i + 1])
+                one = sample_rows([entry], logits[i : i + 1])
+                sampled.tokens += one.tokens
+                sampled.logprobs += one.logprobs
                 kept.append(entry)
             except Exception:
                 self._fail([entry], self._sampling_error(entry), 400)
-        return kept, tokens
+        return kept, sampled
 
     @staticmethod
     def _sampling_error(entry: Scheduled[Job]) -> str:
@@ -680,7 +711,8 @@ class Engine(AdmissionControl):
         return (
             "sampling failed: this request's parameters (temperature "
             f"{p.temperature:g}, top_p {p.top_p:g}, top_k {p.top_k}, repetition_penalty "
-            f"{p.repetition_penalty:g}) give no valid probabilities"
+            f"{p.repetition_penalty:g}, presence_penalty {p.presence_penalty:g}, "
+            f"frequency_penalty {p.frequency_penalty:g}) give no valid probabilities"
         )
 
     def _report(self) -> None:

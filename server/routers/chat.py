@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
+from xllm.model.generate import PENALTY_LIMIT
 from xllm.server.deps import (
     RequestIdDep,
     ServiceDep,
@@ -99,6 +100,8 @@ async def chat(
     top_p: Annotated[float | None, Form(gt=0, le=1)] = None,
     top_k: Annotated[int | None, Form(ge=0)] = None,
     repetition_penalty: Annotated[float | None, Form(gt=0)] = None,
+    presence_penalty: Annotated[float | None, Form(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)] = None,
+    frequency_penalty: Annotated[float | None, Form(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)] = None,
     seed: Annotated[int | None, Form()] = None,
     stop: Annotated[list[str] | None, Form(description="repeatable, or a JSON list")] = None,
 ):
@@ -113,6 +116,8 @@ async def chat(
         "top_p": top_p,
         "top_k": top_k,
         "repetition_penalty": repetition_penalty,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
         "seed": seed,
         "stop": _stop(stop),
     }

@@ -16,7 +16,7 @@ from xllm.server.deps import (
     require_api_key,
     until_disconnected,
 )
-from xllm.server.engine.events import ErrorEvent, Event, FinishEvent
+from xllm.server.engine.events import ErrorEvent, Event, FinishEvent, TokenLogprobs
 from xllm.server.errors import error_body
 from xllm.server.protocol import (
     AssistantMessage,
@@ -24,6 +24,7 @@ from xllm.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
     ErrorResponse,
@@ -66,6 +67,7 @@ async def chat_completions(
 
 async def _complete(service: ChatService, chat_input, created: int) -> ChatCompletion:
     done = await service.complete(chat_input)
+    asked = chat_input.overrides.get("logprobs") is not None
     return ChatCompletion(
         id=chat_input.request_id,
         created=created,
@@ -75,6 +77,7 @@ async def _complete(service: ChatService, chat_input, created: int) -> ChatCompl
                 index=0,
                 message=AssistantMessage(content=done.text),
                 finish_reason=done.finish_reason,  # type: ignore[arg-type]
+                logprobs=ChoiceLogprobs.of(done.logprobs) if asked else None,
             )
         ],
         usage=UsageInfo.of(done.usage),
@@ -84,18 +87,27 @@ async def _complete(service: ChatService, chat_input, created: int) -> ChatCompl
 async def _chunks(
     service: ChatService, generation: Generation, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
+    pending: list[TokenLogprobs] = []  # logprobs of tokens whose text is not out yet
+
     def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
+        logprobs = None
+        if pending:
+            logprobs = ChoiceLogprobs.of(pending)
+            pending.clear()
+        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
         body = ChatCompletionChunk(
             id=generation.request_id,
             created=created,
             model=service.model_name,
-            choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+            choices=[choice],
         )
         return sse(body.model_dump_json())
 
     def render(event: Event) -> str:
         if isinstance(event, ErrorEvent):
             return sse(json.dumps(error_body(event.message, event.type, event.status)))
+        if event.logprobs is not None:
+            pending.append(event.logprobs)
         text = chunk(DeltaMessage(content=event.text)) if event.text else ""
         if isinstance(event, FinishEvent):
             text += chunk(DeltaMessage(), event.finish_reason)

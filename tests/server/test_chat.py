@@ -254,7 +254,8 @@ def test_openai_client_unchanged(server, media_bytes):
 
 def test_openai_unsupported_fields_are_400(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    for kwargs in ({"n": 2}, {"logprobs": True}, {"response_format": {"type": "json_object"}}):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for kwargs in ({"n": 2}, {"tools": [tool]}, {"response_format": {"type": "json_object"}}):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "hi"}], **kwargs

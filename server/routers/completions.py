@@ -1,0 +1,151 @@
+"""OpenAI's legacy Completions: POST /v1/completions (raw text prompts, stream and not)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from xllm.server.deps import RequestIdDep, ServiceDep, require_api_key, until_disconnected
+from xllm.server.engine.events import ErrorEvent, Event, FinishEvent, TokenLogprobs
+from xllm.server.errors import error_body
+from xllm.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ErrorResponse,
+    TextCompletion,
+    UsageInfo,
+)
+from xllm.server.routers.chat import sse
+from xllm.server.serving import ChatInput, ChatService, Generation, merged_event_batches
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503)}
+
+
+@router.post(
+    "/completions",
+    response_model=TextCompletion,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+    summary="Complete raw text prompts (no chat template); a list of prompts: a choice each",
+)
+async def completions(
+    body: CompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep
+):
+    inputs = service.from_completion(body, f"cmpl-{request_id}")
+    created = int(time.time())
+    generations = await until_disconnected(request, service.start_all(inputs))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _chunks(service, inputs, generations, body, created, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    return await until_disconnected(request, _complete(service, inputs, generations, body, created))
+
+
+async def _complete(
+    service: ChatService,
+    inputs: list[ChatInput],
+    generations: list[Generation],
+    body: CompletionRequest,
+    created: int,
+) -> TextCompletion:
+    try:
+        done = [await generation.collect() for generation in generations]
+    finally:
+        for generation in generations:
+            generation.cancel()
+    choices = []
+    for index, (chat_input, completion) in enumerate(zip(inputs, done, strict=True)):
+        echoed = chat_input.prompt if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = CompletionLogprobs.of(completion.logprobs, len(echoed or ""))
+        choices.append(
+            CompletionChoice(
+                index=index,
+                text=(echoed or "") + completion.text,
+                finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+                logprobs=logprobs,
+            )
+        )
+    prompt_tokens = sum(c.usage.prompt_tokens for c in done)
+    completion_tokens = sum(c.usage.completion_tokens for c in done)
+    return TextCompletion(
+        id=inputs[0].request_id,
+        created=created,
+        model=service.model_name,
+        choices=choices,
+        usage=_usage(prompt_tokens, completion_tokens),
+    )
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+async def _chunks(
+    service: ChatService,
+    inputs: list[ChatInput],
+    generations: list[Generation],
+    body: CompletionRequest,
+    created: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """Text deltas per choice (each with the logprobs of its tokens when asked), a choice's
+    finish_reason with its last chunk, the usage of all choices last when asked, then [DONE]."""
+    completion_id = inputs[0].request_id
+    pending: list[list[TokenLogprobs]] = [[] for _ in inputs]  # tokens whose text is not out yet
+    reported = [b""] * len(inputs)  # per choice, the bytes of the tokens reported (text_offset)
+    usage = [0, 0]
+
+    def chunk(index: int, text: str, finish: str | None = None) -> str:
+        logprobs = None
+        if body.logprobs is not None and (pending[index] or finish):
+            logprobs = CompletionLogprobs.of(pending[index], 0, reported[index])
+            reported[index] += b"".join(e.token for e in pending[index])
+            pending[index] = []
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+        return sse(_body(service, completion_id, created, [choice]).model_dump_json())
+
+    def render(index: int, event: Event) -> str:
+        if isinstance(event, ErrorEvent):
+            return sse(json.dumps(error_body(event.message, event.type, event.status)))
+        if event.logprobs is not None:
+            pending[index].append(event.logprobs)
+        if isinstance(event, FinishEvent):
+            usage[0] += event.usage.prompt_tokens
+            usage[1] += event.usage.completion_tokens
+            return chunk(index, event.text, event.finish_reason)
+        return chunk(index, event.text) if event.text else ""
+
+    try:
+        if body.echo:
+            yield "".join(chunk(i, c.prompt or "") for i, c in enumerate(inputs))
+        async for index, batch in merged_event_batches(generations):
+            text = "".join(render(index, event) for event in batch)
+            if text:
+                yield text
+        if include_usage:
+            last = _body(service, completion_id, created, [])
+            last.usage = _usage(*usage)
+            yield sse(last.model_dump_json())
+        yield sse("[DONE]")
+    finally:
+        for generation in generations:
+            generation.cancel()
+
+
+def _body(
+    service: ChatService, completion_id: str, created: int, choices: list[CompletionChoice]
+) -> TextCompletion:
+    return TextCompletion(
+        id=completion_id, created=created, model=service.model_name, choices=choices
+    )
