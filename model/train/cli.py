@@ -1,5 +1,5 @@
-"""`xllm train` and `xllm data toy` (also `python -m xllm.train` for torchrun); registers
-`xllm eval`, which lives in xllm.model.evaluation."""
+"""`xllm train`, `xllm data toy` and `xllm data scenes` (also `python -m xllm.train` for
+torchrun); registers `xllm eval`, which lives in xllm.model.evaluation."""
 
 from __future__ import annotations
 
@@ -31,6 +31,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
     toy.set_defaults(func=run_toy)
+    scenes = data_commands.add_parser(
+        "scenes",
+        help="generate training data for a real LLM: scenes of shapes, many-voice speech",
+        description="Images of several shapes, moving shapes, speech of thousands of sentences "
+        "by several TTS engines and voices (held-out voices and sentences kept for evaluation).",
+    )
+    scenes.add_argument("--out", required=True, type=Path, help="directory to write")
+    scenes.add_argument("--n", required=True, type=int, help="training rows per manifest")
+    scenes.add_argument("--n-val", type=int, default=None, help="validation rows (default n/4)")
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
+    scenes.add_argument(
+        "--heldout", type=int, default=0, metavar="N", help="also N rows of held-out speech"
+    )
+    scenes.set_defaults(func=run_scenes)
 
     from xllm.model.evaluation.cli import register as register_eval
 
@@ -128,6 +143,29 @@ def run_toy(args: argparse.Namespace) -> int:
         raise UserError("--n must be at least 1")
     try:
         written = generate_toy(args.out, args.n, seed=args.seed, n_val=args.n_val, jobs=args.jobs)
+    except ToolMissingError as exc:
+        raise UserError(str(exc)) from None
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def run_scenes(args: argparse.Namespace) -> int:
+    from xllm.main import UserError
+    from xllm.model.train.scenes import generate_heldout, generate_scenes
+    from xllm.model.train.toy import ToolMissingError
+
+    for flag, value, least in (("--n", args.n, 1), ("--n-val", args.n_val, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}")
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    if args.heldout < 0:
+        raise UserError("--heldout must be at least 0")
+    try:
+        written = generate_scenes(args.out, args.n, args.seed, args.n_val, args.jobs)
+        if args.heldout:
+            written |= generate_heldout(args.out, args.heldout, args.seed, args.jobs)
     except ToolMissingError as exc:
         raise UserError(str(exc)) from None
     for name, path in written.items():

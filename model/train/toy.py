@@ -51,6 +51,7 @@ AUDIO_FORMATS["mp3"] = ("MP3", "MPEG_LAYER_III")
 VIDEO_FORMATS = (("mp4", "libx264", "aac"), ("webm", "libvpx", "libopus"))
 VIDEO_FORMATS += (("webm", "libvpx-vp9", "libopus"),)
 MANIFESTS = ("image", "speech", "video", "mixed")
+Job = tuple[str, str, int, int, str]  # (manifest, split, index, seed, root) of one row
 
 CAPTION_QUESTIONS = ("What is in the image?", "Describe the image.", "What do you see?")
 SPOKEN_QUESTIONS = (
@@ -98,13 +99,23 @@ def sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
+def jitter(rng: random.Random, rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A colour with each channel moved by up to 20, so a colour word names a range."""
+    return tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in rgb)  # type: ignore[return-value]
+
+
+def greyish(rng: random.Random, low: int) -> tuple[int, int, int]:
+    """A near-grey: each channel low..low+20."""
+    return tuple(low + rng.randint(0, 20) for _ in range(3))  # type: ignore[return-value]
+
+
 def random_scene(rng: random.Random) -> Scene:
     color = rng.choice(sorted(COLORS))
-    rgb = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLORS[color])
+    rgb = jitter(rng, COLORS[color])
     # light: each channel 200-255, within 20 of each other; dark: each channel 0-50
     low = rng.randint(200, 235) if rng.random() < 0.5 else rng.randint(0, 30)
-    background = tuple(low + rng.randint(0, 20) for _ in range(3))
-    return Scene(color, rng.choice(SHAPES), rgb, background)  # type: ignore[arg-type]
+    background = greyish(rng, low)
+    return Scene(color, rng.choice(SHAPES), rgb, background)
 
 
 def random_size(rng: random.Random, low: int, high: int, even: bool = False) -> tuple[int, int]:
@@ -123,22 +134,42 @@ def shape_points(shape: str, cx: float, cy: float, radius: float, angle: float) 
         corners = [(angle + math.pi / 4 + k * math.pi / 2, radius) for k in range(4)]
     elif shape == "triangle":
         corners = [(angle + k * 2 * math.pi / 3, radius) for k in range(3)]
+    elif shape == "hexagon":
+        corners = [(angle + k * math.pi / 3, radius) for k in range(6)]
+    elif shape == "cross":  # a plus sign whose arms are a third of its width
+        arm = math.atan2(1, 3)  # corner of an arm's end, seen from the centre
+        inner = radius * math.sqrt(2) / math.sqrt(10)  # where two arms meet
+        corners = []
+        for k in range(4):
+            axis = angle + k * math.pi / 2
+            corners += [(axis - arm, radius), (axis + arm, radius), (axis + math.pi / 4, inner)]
     else:  # star: 5 outer points, 5 inner at the regular star's ratio
         inner = radius * math.sin(math.pi / 10) / math.sin(7 * math.pi / 10)
         corners = [(angle + k * math.pi / 5, radius if k % 2 == 0 else inner) for k in range(10)]
     return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in corners]
 
 
+def draw_shape(
+    pen: ImageDraw.ImageDraw,
+    shape: str,
+    rgb: tuple[int, int, int],
+    centre: tuple[float, float],
+    radius: float,
+    angle: float,
+) -> None:
+    """Fill one shape inscribed in the circle (centre, radius)."""
+    cx, cy = centre
+    if shape == "circle":
+        pen.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=rgb)
+    else:
+        pen.polygon(shape_points(shape, cx, cy, radius, angle), fill=rgb)
+
+
 def draw(
     scene: Scene, size: tuple[int, int], centre: tuple[float, float], radius: float, angle: float
 ) -> Image.Image:
     image = Image.new("RGB", size, scene.background)
-    pen = ImageDraw.Draw(image)
-    cx, cy = centre
-    if scene.shape == "circle":
-        pen.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=scene.rgb)
-    else:
-        pen.polygon(shape_points(scene.shape, cx, cy, radius, angle), fill=scene.rgb)
+    draw_shape(ImageDraw.Draw(image), scene.shape, scene.rgb, centre, radius, angle)
     return image
 
 
@@ -218,14 +249,33 @@ def make_video(
     rng: random.Random, scene: Scene, direction: str, path: Path, narration: str | None = None
 ) -> Path:
     """1-4 s at 5-30 fps, 96-256 px; with `narration`, a spoken audio track is muxed in."""
-    import av
-
     size = random_size(rng, 96, 256, even=True)
     radius = rng.uniform(0.20, 0.45) * min(size) / 2  # room left to travel 30% of the frame
     (x0, y0), (x1, y1) = motion(rng, direction, size, radius)
     fps = rng.randint(5, 30)
     count = max(2, round(rng.uniform(1.0, 4.0) * fps))
     angle = rng.uniform(0, 2 * math.pi)
+
+    def frame_at(t: float) -> Image.Image:
+        return draw(scene, size, (x0 + t * (x1 - x0), y0 + t * (y1 - y0)), radius, angle)
+
+    narrate = None if narration is None else (lambda: speak(rng, narration))
+    return encode_video(rng, path, size, fps, count, frame_at, narrate)
+
+
+def encode_video(
+    rng: random.Random,
+    path: Path,
+    size: tuple[int, int],
+    fps: int,
+    count: int,
+    frame_at: Callable[[float], Image.Image],
+    narrate: Callable[[], tuple[np.ndarray, int]] | None = None,
+) -> Path:
+    """Encode `count` frames, frame_at(t) for t from 0 to 1, in a random container and codec;
+    `narrate()` (mono samples, rate) becomes a 48 kHz audio track starting with the video."""
+    import av
+
     container, codec, audio_codec = rng.choice(VIDEO_FORMATS)
     path = path.with_suffix("." + container)
     with av.open(str(path), "w") as out:
@@ -233,14 +283,13 @@ def make_video(
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         audio = None
-        if narration is not None:
-            samples, rate = speak(rng, narration)
+        if narrate is not None:
+            samples, rate = narrate()
             audio = resample(samples, rate, 48000)
             audio_stream = out.add_stream(audio_codec, rate=48000)
             audio_stream.layout = "mono"
         for k in range(count):
-            t = k / (count - 1)
-            image = draw(scene, size, (x0 + t * (x1 - x0), y0 + t * (y1 - y0)), radius, angle)
+            image = frame_at(k / (count - 1))
             frame = av.VideoFrame.from_ndarray(np.asarray(image), format="rgb24")
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
@@ -354,7 +403,7 @@ ROW_MAKERS: dict[str, Callable[[random.Random, Path, str], dict[str, Any]]] = {
 }
 
 
-def make_row(job: tuple[str, str, int, int, str]) -> dict[str, Any]:
+def make_row(job: Job) -> dict[str, Any]:
     """One manifest row with its media; runs in a worker process."""
     manifest, split, index, seed, root = job
     rng = random.Random(f"xllm-toy/{seed}/{split}/{manifest}/{index}")
@@ -378,14 +427,25 @@ def generate_toy(
         (root / folder).mkdir(parents=True, exist_ok=True)
     plan = [(m, "train", i, seed, str(root)) for m in MANIFESTS for i in range(n)]
     plan += [(m, "val", i, seed, str(root)) for m in MANIFESTS for i in range(n_val)]
+    return write_manifests(root, plan, run_jobs(make_row, plan, jobs))
+
+
+def run_jobs(
+    make: Callable[[Job], dict[str, Any]], plan: list[Job], jobs: int | None
+) -> list[dict[str, Any]]:
+    """make(job) for every job, in plan order, in up to `jobs` processes (default: the CPU
+    count, at most 8); each row has its own RNG, so the rows do not depend on `jobs`."""
     workers = max(1, min(jobs or os.cpu_count() or 1, 8))
     if workers == 1:
-        rows = [make_row(job) for job in plan]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = list(pool.map(make_row, plan, chunksize=4))
+        return [make(job) for job in plan]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(make, plan, chunksize=4))
+
+
+def write_manifests(root: Path, plan: list[Job], rows: list[dict[str, Any]]) -> dict[str, Path]:
+    """<manifest>_<split>.jsonl under root, rows in plan order; returns the paths by name."""
     written: dict[str, Path] = {}
-    for (manifest, split, _, _, _), row in zip(plan, rows, strict=True):
+    for (manifest, split, *_), row in zip(plan, rows, strict=True):
         path = root / f"{manifest}_{split}.jsonl"
         if path not in written.values():
             path.write_text("")
