@@ -967,7 +967,9 @@ def _decode_video(data: bytes, limits: MediaLimits, fps: float, max_frames: int)
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
     """The first real video stream (cover art in audio files is not a video)."""
     for stream in container.streams.video:
-        if not int(getattr(stream, "disposition", 0)) & _ATTACHED_PIC:
+        disposition = getattr(stream, "disposition", 0)
+        flags = getattr(disposition, "value", disposition)  # PyAV < 18: an enum.Flag, not an int
+        if not int(flags) & _ATTACHED_PIC:
             return stream
     raise MediaError("no video stream found", 400)
 
