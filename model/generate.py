@@ -214,10 +214,12 @@ def forward_rows(
     first_slot: int,
     positions: torch.Tensor,
     kv_len: int,
+    every_position: bool = False,
 ) -> torch.Tensor:
     """embeds (B, q, H) written at positions (B, q) of slots first_slot.. first_slot + B - 1.
 
-    Returns the logits of each row's last position, (B, V) in float32. No host sync: kv_len
+    Returns the logits of each row's last position, (B, V) in float32; with every_position
+    those of all its positions, (B, q, V) (a prompt's own logprobs). No host sync: kv_len
     comes from the caller, which knows every row's length.
     """
     cache.bind(first_slot, positions, kv_len)
@@ -228,9 +230,9 @@ def forward_rows(
         position_ids=positions,
         cache=cache,
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=0 if every_position else 1,  # 0: all
     )
-    return out.logits[:, -1].float()
+    return out.logits.float() if every_position else out.logits[:, -1].float()
 
 
 @torch.inference_mode()
@@ -249,9 +251,11 @@ def prefill_rows(
     cache: SlotKVCache,
     first_slot: int,
     chunks: Sequence[tuple[torch.Tensor, int]],
+    every_position: bool = False,
 ) -> torch.Tensor:
     """Prompt chunks of consecutive slots in one forward: chunk i = (embeds (q_i, H), start_i)
-    goes to positions start_i.. start_i + q_i - 1 of slot first_slot + i.
+    goes to positions start_i.. start_i + q_i - 1 of slot first_slot + i. every_position (one
+    chunk only): the logits of every position, (1, q, V), see forward_rows.
 
     Rows are left-padded to the longest chunk, so every row's last real position is the last
     one (`logits_to_keep=1`). Pads write the cache's scratch position, which no real query of
@@ -272,7 +276,8 @@ def prefill_rows(
             positions[row, longest - length :] = torch.arange(start, start + length)
     kv_len = max(start + embeds.shape[0] for embeds, start in chunks)
     positions = host_to_device(positions, first.device)
-    return forward_rows(llm, cache, batch, first_slot, positions, kv_len)
+    assert not every_position or len(chunks) == 1, "every_position takes one chunk"
+    return forward_rows(llm, cache, batch, first_slot, positions, kv_len, every_position)
 
 
 def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -519,6 +524,18 @@ def token_logprobs(
         n = params[row].logprobs or 0
         out.append(SampledLogprobs(row_values[0], tuple(row_ids[:n]), tuple(row_values[1 : 1 + n])))
     return out
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[SampledLogprobs]:
+    """The model's logprobs of a prompt's own tokens: logits (q, V) of q consecutive positions,
+    targets the tokens that follow each of the first len(targets) of them (<= q); with the k
+    most likely tokens at each. The model's distribution (temperature 1), no penalties."""
+    rows = list(range(len(targets)))
+    if not rows:
+        return []
+    return token_logprobs(
+        logits[: len(rows)], [SamplingParams(logprobs=k)] * len(rows), targets, rows
+    )
 
 
 def penalised(

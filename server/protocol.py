@@ -264,23 +264,26 @@ class CompletionLogprobs(BaseModel):
     ({text: logprob}) and its character offset in the choice's text."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first token of an echoed prompt
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
     @classmethod
-    def of(cls, entries: list[Any], offset: int = 0, before: bytes = b"") -> CompletionLogprobs:
-        """From the engine's TokenLogprobs. A token's text_offset is `offset` plus the whole
-        characters of the tokens before it (`before`: the bytes of earlier tokens of the
-        choice, for a stream's later chunks)."""
+    def of(cls, entries: list[Any], before: bytes = b"") -> CompletionLogprobs:
+        """From the engine's TokenLogprobs. A token's text_offset counts the whole characters
+        of the tokens before it (`before`: the bytes of earlier tokens of the choice, for a
+        stream's later chunks)."""
         offsets, seen = [], before
         for entry in entries:
-            offsets.append(offset + len(seen.decode("utf-8", errors="ignore")))
+            offsets.append(len(seen.decode("utf-8", errors="ignore")))
             seen += entry.token
         return cls(
             tokens=[token_text(e.token) for e in entries],
             token_logprobs=[e.logprob for e in entries],
-            top_logprobs=[{token_text(t): lp for t, lp in e.top} for e in entries],
+            top_logprobs=[
+                None if e.logprob is None else {token_text(t): lp for t, lp in e.top}
+                for e in entries
+            ],
             text_offset=offsets,
         )
 

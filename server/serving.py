@@ -40,6 +40,7 @@ from xllm.server.engine.events import (
     ErrorEvent,
     Event,
     FinishEvent,
+    PromptLogprobsEvent,
     RequestHandle,
     TokenLogprobs,
     Usage,
@@ -82,6 +83,7 @@ class Completion:
     finish_reason: str
     usage: Usage
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, if asked
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per prompt token
 
 
 class Generation:
@@ -118,15 +120,19 @@ class Generation:
                 yield event
 
     async def collect(self) -> Completion:
-        parts, logprobs = [], []
+        parts, logprobs, prompt_logprobs = [], [], []
         async for event in self.events():
             if isinstance(event, ErrorEvent):
                 raise ServingError(event.message, event.status, event.type)
+            if isinstance(event, PromptLogprobsEvent):
+                prompt_logprobs = list(event.entries)
+                continue
             parts.append(event.text)
             if event.logprobs is not None:
                 logprobs.append(event.logprobs)
             if isinstance(event, FinishEvent):
-                return Completion("".join(parts), event.finish_reason, event.usage, logprobs)
+                text = "".join(parts)
+                return Completion(text, event.finish_reason, event.usage, logprobs, prompt_logprobs)
         raise ServingError("the request ended without an answer", 500)
 
     def cancel(self) -> None:
@@ -297,6 +303,8 @@ class ChatService:
         request = EngineRequest(
             chat.request_id, messages, prepared, params, max_tokens_given, arrival, chat.prompt
         )
+        if chat.prompt is not None and chat.overrides.get("echo") and params.logprobs is not None:
+            request.prompt_logprobs = params.logprobs
         self.engine.submit(request, handle)
         try:
             first = await _next_event(handle, deadline, timeout)
@@ -435,16 +443,11 @@ class ChatService:
                 "suffix": request.suffix is not None,
             }
         )
-        if request.echo and request.logprobs is not None:
-            raise ServingError(
-                "'echo' with 'logprobs' is not supported by this server (the prompt's logprobs "
-                "are not computed); use one of them",
-                400,
-            )
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if not prompts:
             raise ServingError("'prompt' is an empty list", 400)
         overrides = {name: getattr(request, name) for name in SAMPLING_FIELDS}
+        overrides["echo"] = request.echo  # with logprobs: the prompt's own logprobs too
         if isinstance(request.stop, str):
             overrides["stop"] = [request.stop]
         return [

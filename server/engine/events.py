@@ -24,6 +24,8 @@ class EngineRequest:
     max_tokens_given: bool  # False: max_tokens = rest of the context, capped by the default
     arrival: float = field(default_factory=time.monotonic)
     prompt: str | None = None  # raw text, no chat template (/v1/completions); messages unused
+    # k: the prompt tokens' own logprobs (k alternatives each), in a PromptLogprobsEvent first
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -41,7 +43,7 @@ class TokenLogprobs(NamedTuple):
     (params.logprobs). Tuples of bytes and floats: it crosses the engine process's pipe."""
 
     token: bytes  # the token's bytes (see TokenBytes)
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing before it scores it)
     top: tuple[tuple[bytes, float], ...]  # (bytes, logprob), most likely first
 
 
@@ -61,13 +63,21 @@ class FinishEvent:
 
 
 @dataclass
+class PromptLogprobsEvent:
+    """The prompt tokens' logprobs (one per prompt token), before the first token's event; only
+    for a request with prompt_logprobs."""
+
+    entries: tuple[TokenLogprobs, ...]
+
+
+@dataclass
 class ErrorEvent:
     message: str
     status: int  # HTTP-style status for the serving layer: 400 client input, 500 engine fault
     type: str = "server_error"
 
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+Event = TokenEvent | FinishEvent | ErrorEvent | PromptLogprobsEvent
 
 
 class LoopMailbox:

@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from xllm.model.generate import (
     kv_bytes_per_position,
     make_generator,
     prefill_rows,
+    prompt_logprobs,
     sample,
 )
 from xllm.model.prompt import PromptLayout
@@ -52,6 +53,7 @@ from xllm.server.engine.events import (
     EngineRequest,
     ErrorEvent,
     FinishEvent,
+    PromptLogprobsEvent,
     RequestHandle,
     TokenEvent,
     TokenLogprobs,
@@ -173,6 +175,9 @@ class Job:
     generator: torch.Generator | None = None
     next_token: int | None = None  # sampled, not yet written into the cache
     last_token_at: float = 0.0
+    # request.prompt_logprobs only: the prompt's ids and its tokens' logprobs so far
+    prompt_ids: list[int] | None = None
+    prompt_entries: list[TokenLogprobs] = field(default_factory=list)
 
 
 class AdmissionControl:
@@ -563,6 +568,9 @@ class Engine(AdmissionControl):
             strip_leading_newline=request.prompt is None,
         )
         job.generator = make_generator(params.seed)
+        if request.prompt_logprobs is not None:
+            job.prompt_ids = layout.token_ids
+            job.prompt_entries = [TokenLogprobs(self.token_bytes(layout.token_ids[0]), None, ())]
         entry.prompt_len = prompt_len
         self.observer.tokens(prompt_len, 0)
 
@@ -582,9 +590,15 @@ class Engine(AdmissionControl):
             for entry, start, end in run:
                 assert entry.item.embeds is not None
                 pieces.append((entry.item.embeds[start:end], start))
+            scored = run[0][0].item.prompt_ids is not None  # then alone in its run
             try:
                 self._inject("prefill")
-                logits = prefill_rows(self.model.llm, self.cache, run[0][0].slot, pieces)
+                first_slot = run[0][0].slot
+                if scored:
+                    every = prefill_rows(self.model.llm, self.cache, first_slot, pieces, True)
+                    logits = self._score_prompt(*run[0], every[0])
+                else:
+                    logits = prefill_rows(self.model.llm, self.cache, first_slot, pieces)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._fail([entry for entry, _, _ in run], f"prefill failed: {exc}")
@@ -593,6 +607,8 @@ class Engine(AdmissionControl):
                 entry.prefilled = entry.length = end
                 if end < entry.prompt_len:
                     continue
+                if entry.item.prompt_ids is not None:
+                    entry.item.handle.push(PromptLogprobsEvent(tuple(entry.item.prompt_entries)))
                 entry.item.embeds = None
                 entry.phase = Phase.DECODE
                 completed.append(entry)
@@ -600,6 +616,23 @@ class Engine(AdmissionControl):
         if completed:
             self._sample(completed, torch.cat(rows))
         return bool(completed)
+
+    def _score_prompt(
+        self, entry: Scheduled[Job], start: int, end: int, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Logprobs of the prompt tokens that the chunk [start, end) predicts (those at start +
+        1 .. end, within the prompt), from its logits (end - start, V); returns the last
+        position's logits (1, V) to sample from."""
+        job = entry.item
+        assert job.prompt_ids is not None and job.request.prompt_logprobs is not None
+        targets = job.prompt_ids[start + 1 : min(end + 1, entry.prompt_len)]
+        for token, scored in zip(
+            targets,
+            prompt_logprobs(logits, targets, job.request.prompt_logprobs),
+            strict=True,
+        ):
+            job.prompt_entries.append(self._token_logprobs(token, scored))
+        return logits[-1:]
 
     def _decode_step(self) -> None:
         batch = [e for e in self.scheduler.decoding() if e.item.next_token is not None]
@@ -726,10 +759,21 @@ Chunk = tuple[Scheduled[Job], int, int]  # (entry, start, end) of a prompt chunk
 
 
 def _consecutive_slots(chunks: list[Chunk]) -> list[list[Chunk]]:
-    """Split chunks into runs whose slots follow each other (one prefill forward per run)."""
+    """Split chunks into runs whose slots follow each other (one prefill forward per run); a
+    prompt whose own logprobs are asked for (logits at every position) runs alone."""
     runs: list[list[Chunk]] = []
+
+    def scored(chunk: Chunk) -> bool:
+        return chunk[0].item.prompt_ids is not None
+
     for chunk in sorted(chunks, key=lambda c: c[0].slot):
-        if runs and runs[-1][-1][0].slot + 1 == chunk[0].slot:
+        previous = runs[-1][-1] if runs else None
+        if (
+            previous is not None
+            and previous[0].slot + 1 == chunk[0].slot
+            and not scored(previous)
+            and not scored(chunk)
+        ):
             runs[-1].append(chunk)
         else:
             runs.append([chunk])

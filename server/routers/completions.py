@@ -10,7 +10,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from xllm.server.deps import RequestIdDep, ServiceDep, require_api_key, until_disconnected
-from xllm.server.engine.events import ErrorEvent, Event, FinishEvent, TokenLogprobs
+from xllm.server.engine.events import (
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    PromptLogprobsEvent,
+    TokenLogprobs,
+)
 from xllm.server.errors import error_body
 from xllm.server.protocol import (
     CompletionChoice,
@@ -62,8 +68,8 @@ async def _complete(
     for index, (chat_input, completion) in enumerate(zip(inputs, done, strict=True)):
         echoed = chat_input.prompt if body.echo else ""
         logprobs = None
-        if body.logprobs is not None:
-            logprobs = CompletionLogprobs.of(completion.logprobs, len(echoed or ""))
+        if body.logprobs is not None:  # with echo the prompt's tokens first
+            logprobs = CompletionLogprobs.of(completion.prompt_logprobs + completion.logprobs)
         choices.append(
             CompletionChoice(
                 index=index,
@@ -109,7 +115,7 @@ async def _chunks(
     def chunk(index: int, text: str, finish: str | None = None) -> str:
         logprobs = None
         if body.logprobs is not None and (pending[index] or finish):
-            logprobs = CompletionLogprobs.of(pending[index], 0, reported[index])
+            logprobs = CompletionLogprobs.of(pending[index], reported[index])
             reported[index] += b"".join(e.token for e in pending[index])
             pending[index] = []
         choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
@@ -118,6 +124,9 @@ async def _chunks(
     def render(index: int, event: Event) -> str:
         if isinstance(event, ErrorEvent):
             return sse(json.dumps(error_body(event.message, event.type, event.status)))
+        if isinstance(event, PromptLogprobsEvent):  # echo + logprobs: the prompt's chunk
+            pending[index] = list(event.entries)
+            return chunk(index, inputs[index].prompt or "")
         if event.logprobs is not None:
             pending[index].append(event.logprobs)
         if isinstance(event, FinishEvent):
@@ -127,7 +136,7 @@ async def _chunks(
         return chunk(index, event.text) if event.text else ""
 
     try:
-        if body.echo:
+        if body.echo and body.logprobs is None:  # else with the prompt's logprobs, see render
             yield "".join(chunk(i, c.prompt or "") for i, c in enumerate(inputs))
         async for index, batch in merged_event_batches(generations):
             text = "".join(render(index, event) for event in batch)

@@ -104,3 +104,16 @@ def test_rows_that_do_not_ask_compute_no_logprobs(monkeypatch):
 def test_out_of_range_values_are_refused(field: str, value):
     with pytest.raises(ValueError, match=field.replace("logprobs", "top_logprobs")):
         SamplingParams(**{field: value}).validate()
+
+
+def test_prompt_logprobs_score_each_next_token():
+    torch.manual_seed(2)
+    logits = torch.randn(5, VOCAB)
+    targets = [3, 1, 4, 1]  # the tokens after positions 0..3 (position 4 predicts the answer)
+    out = generate.prompt_logprobs(logits, targets, k=2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert len(out) == 4
+    for position, (target, entry) in enumerate(zip(targets, out, strict=True)):
+        assert entry.logprob == pytest.approx(expected[position, target].item(), abs=1e-5)
+        assert entry.top_ids[0] == expected[position].argmax().item() and len(entry.top_ids) == 2
+    assert generate.prompt_logprobs(logits, [], k=2) == []

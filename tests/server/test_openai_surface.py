@@ -230,9 +230,60 @@ def test_completion_logprobs_legacy_format(client):
         assert max(top, key=top.get) == token  # greedy: the most likely one
 
 
-def test_echo_with_logprobs_is_a_clear_400(client):
-    with pytest.raises(openai.BadRequestError, match="echo"):
-        client.completions.create(model="m", prompt="a", echo=True, logprobs=1)
+PROMPT = "the red circle moves to the left of the blue square"
+
+
+def echo_logprobs(client: openai.OpenAI, prompt: str = PROMPT):
+    return client.completions.create(
+        model="m",
+        prompt=prompt,
+        max_tokens=4,
+        echo=True,
+        logprobs=2,
+        extra_body=NO_EOS,
+        **GREEDY,
+    )
+
+
+def test_echo_with_logprobs_scores_the_prompt(client):
+    reply = echo_logprobs(client)
+    plain = client.completions.create(
+        model="m", prompt=PROMPT, max_tokens=4, logprobs=2, extra_body=NO_EOS, **GREEDY
+    )
+    choice, lp = reply.choices[0], reply.choices[0].logprobs
+    prompt_tokens = reply.usage.prompt_tokens
+    assert choice.text == PROMPT + plain.choices[0].text
+    assert len(lp.tokens) == prompt_tokens + 4
+    assert "".join(lp.tokens[:prompt_tokens]) == PROMPT
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing scores it
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    for token, logprob, top in zip(
+        lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True
+    ):
+        assert len(top) == 2 and max(top.values()) >= logprob - 1e-5
+        if token in top:
+            assert top[token] == pytest.approx(logprob, abs=1e-5)
+    # the generated tokens' are those of the same request without echo
+    assert lp.tokens[prompt_tokens:] == plain.choices[0].logprobs.tokens
+    assert lp.token_logprobs[prompt_tokens:] == pytest.approx(
+        plain.choices[0].logprobs.token_logprobs
+    )
+    assert lp.text_offset[:prompt_tokens] == [
+        len("".join(lp.tokens[:i])) for i in range(prompt_tokens)
+    ]
+
+
+def test_prompt_logprobs_do_not_depend_on_prefill_chunks(client, start_server):
+    chunked = start_server("--prefill-chunk", "16")  # the smallest allowed
+    small = openai.OpenAI(base_url=f"{chunked.url}/v1", api_key="unused", max_retries=0)
+    prompt = " and ".join([PROMPT] * 4)
+    whole, pieces = echo_logprobs(client, prompt), echo_logprobs(small, prompt)
+    assert whole.usage.prompt_tokens > 2 * 16, "the prompt spans several chunks"
+    whole, pieces = whole.choices[0], pieces.choices[0]
+    assert pieces.text == whole.text and pieces.logprobs.tokens == whole.logprobs.tokens
+    assert pieces.logprobs.token_logprobs[1:] == pytest.approx(
+        whole.logprobs.token_logprobs[1:], abs=1e-4
+    )
 
 
 def test_completion_n_and_bad_prompts_are_4xx(client):
@@ -279,12 +330,19 @@ def test_completion_stream(client):
     assert usage is not None and usage.completion_tokens == 20
 
 
-def test_completion_stream_echo(client):
-    kwargs = {"prompt": "the red circle", "max_tokens": 6, "extra_body": NO_EOS, **GREEDY}
-    whole = client.completions.create(model="m", echo=True, **kwargs)
-    text = "".join(
-        c.text
-        for chunk in client.completions.create(model="m", echo=True, stream=True, **kwargs)
-        for c in chunk.choices
-    )
-    assert text == whole.choices[0].text and text.startswith("the red circle")
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_completion_stream_echo(client, logprobs):
+    kwargs = {"prompt": ["the red circle", "hello"], "max_tokens": 6, "extra_body": NO_EOS}
+    kwargs |= {"echo": True, "logprobs": logprobs, **GREEDY}
+    whole = client.completions.create(model="m", **kwargs)
+    texts, tokens, offsets = ["", ""], [[], []], [[], []]
+    for chunk in client.completions.create(model="m", stream=True, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.logprobs is not None:
+                tokens[c.index] += c.logprobs.tokens
+                offsets[c.index] += c.logprobs.text_offset
+    assert texts == [c.text for c in whole.choices] and texts[0].startswith("the red circle")
+    if logprobs:
+        assert tokens == [c.logprobs.tokens for c in whole.choices]
+        assert offsets == [c.logprobs.text_offset for c in whole.choices]
