@@ -90,7 +90,7 @@ def test_demo_model_is_packaged_and_loads() -> None:
     files = [p for p in DEMO.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 40 * 2**20
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-    assert default_model_dir() == DEMO
+    assert default_model_dir().resolve() == DEMO.resolve()
     model = load_model(DEMO, device="cpu")
     assert model.max_model_len >= 2048
     assert set(model.modalities) == {"image", "video", "audio"}

@@ -56,7 +56,7 @@ def test_serve_without_model_uses_the_builtin_model(start_server):
     from xllm.model.config import XLLMConfig
 
     demo = ROOT / "model" / "demo"
-    assert default_model_dir() == demo, "the demo model is packaged: it must be the default"
+    assert default_model_dir().resolve() == demo, "the demo model is packaged: the default"
     server = start_server(model_dir=None)
     served = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
     assert served == XLLMConfig.load(demo).name
