@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xllm.model.config import QUANTIZE_CHOICES
+
 if TYPE_CHECKING:
     from asyncio import AbstractEventLoop
     from collections.abc import Callable
@@ -132,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     base.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     base.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    base.add_argument("--quantize", choices=("none", "nf4", "int8"), default="none")
+    base.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none")
     base.add_argument(
         "--baseline-requests",
         type=int,

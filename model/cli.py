@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-QUANTIZE = ("none", "nf4", "int8")
+from xllm.model.config import QUANTIZE_CHOICES
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -45,7 +46,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="model directory (default: the built-in demo model)",
     )
-    parser.add_argument("--quantize", choices=QUANTIZE, default="none", help="quantize the LLM")
+    parser.add_argument(
+        "--quantize", choices=QUANTIZE_CHOICES, default="none", help="quantize the LLM"
+    )
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto"

@@ -15,13 +15,16 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 CONFIG_NAME = "xllm.json"
 INTERFACES_NAME = "interfaces.safetensors"
 FORMAT_VERSION = 1
 
 Modality = Literal["image", "audio", "video"]
+# How the frozen LLM's linear layers may be stored (bitsandbytes); the one list of choices.
+Quantize = Literal["none", "nf4", "int8"]
+QUANTIZE_CHOICES: tuple[Quantize, ...] = get_args(Quantize)
 MODALITIES: tuple[Modality, ...] = ("image", "audio", "video")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import (
@@ -15,10 +14,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from xllm.model.config import ModelConfigError
+from xllm.model.config import QUANTIZE_CHOICES, ModelConfigError, Quantize
 
-Quantize = Literal["none", "nf4", "int8"]
-QUANTIZE_CHOICES: tuple[str, ...] = ("none", "nf4", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from xllm.model.config import QUANTIZE_CHOICES
+
 # flag -> (type, help); every flag defaults to None so that unset flags leave env/defaults alone.
 _FLAGS: dict[str, tuple[type, str]] = {
     "--model": (Path, "model directory (default: the built-in demo model)"),
@@ -46,7 +48,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     ),
 }
 _CHOICES = {
-    "--quantize": ("none", "nf4", "int8"),
+    "--quantize": QUANTIZE_CHOICES,
     "--device": ("auto", "cpu", "cuda"),
     "--dtype": ("auto", "float32", "bfloat16", "float16"),
     "--log-format": ("json", "text"),

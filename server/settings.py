@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from xllm.model.config import Quantize
+
 
 def _split_list(value: object) -> object:
     """'a,b' (flag or env var) -> ['a', 'b']; lists pass through."""
@@ -24,7 +26,7 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    quantize: Literal["none", "nf4", "int8"] = "none"
+    quantize: Quantize = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch: int = Field(32, ge=1, description="sequences decoding together (KV slots)")

@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from xllm.model.config import QUANTIZE_CHOICES
+
 TASK_NAMES = ("asr", "masr", "vqa", "caption", "direction", "relative-score")
 IMPORT_FORMATS = ("librispeech", "aishell", "kaldi", "llava-bench")
 
@@ -107,7 +109,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--concurrency", type=int, default=4, help="requests in flight with --url (default 4)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    add("--quantize", choices=("none", "nf4", "int8"), default="none")
+    add("--quantize", choices=QUANTIZE_CHOICES, default="none")
     judge = parser.add_argument_group("relative-score judge (any OpenAI-compatible endpoint)")
     judge.add_argument("--judge-url", help="e.g. https://api.openai.com/v1")
     judge.add_argument("--judge-model", help="e.g. gpt-4-0314 (LLaVA) or gpt-3.5-turbo (X-LLM)")

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from xllm.model.config import QUANTIZE_CHOICES
 from xllm.model.train.config import PRECISIONS, STAGES, TRAIN_MODALITIES
 
 
@@ -88,7 +89,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-every", type=int, help="steps between metrics lines (default 10)")
     add("--num-workers", type=int, help="DataLoader processes decoding media (default 2)")
     add("--resume", action="store_true", default=None, help="continue from OUT's last checkpoint")
-    add("--quantize", choices=("none", "nf4", "int8"), help="load the frozen LLM quantized")
+    add("--quantize", choices=QUANTIZE_CHOICES, help="load the frozen LLM quantized")
     add("--device", choices=("auto", "cpu", "cuda"))
     add("--precision", choices=PRECISIONS, help="autocast on GPU (default auto: bf16 or fp16)")
     add("--gradient-checkpointing", action="store_true", default=None)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from xllm.model.config import QUANTIZE_CHOICES
+
 Stage = Literal[1, 2, 3]
 TrainModality = Literal["image", "speech", "video", "all"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -94,8 +96,8 @@ class TrainConfig:
             raise ConfigError("stage 1 trains image or speech (video starts from the image stage)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}")
-        if self.quantize not in ("none", "nf4", "int8"):
-            raise ConfigError("quantize must be none, nf4 or int8")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}")
         positive = ("batch_size", "grad_accum", "epochs", "keep_checkpoints", "bucket_batches")
         for name in positive:
             if getattr(self, name) < 1:
