@@ -10,17 +10,9 @@ on the direction of motion (its cross-attention was trained to pool colour and s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
-
-
-@dataclass
-class QFormerDims:
-    vision_hidden: int  # encoder patch width (1408 for EVA ViT-g)
-    llm_hidden: int  # LLM embedding width (4096 for GLM-4-9B)
 
 
 def build_qformer(qformer_kwargs: dict, vision_hidden: int) -> Blip2QFormerModel:
