@@ -722,14 +722,14 @@ def test_media_error_pickles_with_status() -> None:
 
 def test_absurd_sample_rate_in_header_is_refused_before_any_sample_is_read(monkeypatch):
     """A 1 s WAV whose header claims ~923 MHz must not be resampled (seconds, hundreds of MB)."""
-    import xllm.model.media as media
+    import xllm.model.media.audio as audio
     from tests.media import make_wav
 
     class NoSampleSink:  # the sink every decoded sample goes through: it must never be made
         def __init__(self, *args, **kwargs) -> None:
             raise AssertionError("samples were read from a file refused by its header")
 
-    monkeypatch.setattr(media, "_AudioSink", NoSampleSink)
+    monkeypatch.setattr(audio, "AudioSink", NoSampleSink)
     wav = bytearray(make_wav(1.0))
     wav[24:28] = struct.pack("<I", 922_762_880)  # the fmt chunk's sample rate
     with pytest.raises(MediaError) as info:
