@@ -226,7 +226,9 @@ def engine_decode(model, decoder, batch: int, sizes: Sizes, clock: Clock) -> dic
     reported apart and the warm-up steps are not timed."""
     import torch
 
-    from xllm.model.generate import SamplingParams, eos_token_ids, forward_rows, sample_next
+    from xllm.model.detokenize import eos_token_ids
+    from xllm.model.generate import forward_rows
+    from xllm.model.sampling import SamplingParams, sample_next
 
     llm, device = model.llm, model.device
     eos = sorted(eos_token_ids(llm, model.tokenizer))
@@ -364,8 +366,8 @@ def make_engine(
 
 
 def text_request(i: int, max_tokens: int, arrival: float | None = None):
-    from xllm.model.generate import SamplingParams
     from xllm.model.prompt import bind_media
+    from xllm.model.sampling import SamplingParams
     from xllm.server.engine.events import EngineRequest
 
     messages = bind_media([("user", f"{PROMPTS[i % len(PROMPTS)]} ({i})")], [])
@@ -472,8 +474,8 @@ def synthetic_image(seed: int, size: int = 224):
 
 def engine_ttft_image(engine, recorder: StepRecorder, model, sizes: Sizes) -> dict[str, Any]:
     """One-image requests, one after another, each arriving while N text streams decode."""
-    from xllm.model.generate import SamplingParams
     from xllm.model.prompt import bind_media
+    from xllm.model.sampling import SamplingParams
     from xllm.server.engine.events import EngineRequest
 
     n = sizes.ttft_streams
@@ -689,7 +691,8 @@ class Suite:
         (self.out / "gpu_suite.md").write_text(markdown(self.report))
 
     def run(self) -> int:
-        from xllm.model.generate import SlotDecoder, SlotKVCache
+        from xllm.model.generate import SlotDecoder
+        from xllm.model.kv_cache import SlotKVCache
 
         sizes = self.sizes
         model = self.section("build", self.build)

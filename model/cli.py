@@ -69,9 +69,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from xllm.main import UserError
     from xllm.model.checkpoint import default_model_dir, load_model
     from xllm.model.config import XLLMConfig
-    from xllm.model.generate import generate, sampling_params
+    from xllm.model.generate import generate
     from xllm.model.media import load_media_file
     from xllm.model.prompt import bind_media
+    from xllm.model.sampling import sampling_params
 
     model_dir = args.model or default_model_dir()
     config = XLLMConfig.load(model_dir)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from xllm.model.generate import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS, PENALTY_LIMIT
+from xllm.model.sampling import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS, PENALTY_LIMIT
 
 # OpenAI's presence_penalty / frequency_penalty field, range from the sampler's own constant
 Penalty = Annotated[float | None, Field(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)]

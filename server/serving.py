@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from xllm.model.config import Modality
-from xllm.model.generate import SamplingParams, sampling_params
 from xllm.model.media import (
     DecodedVideo,
     MediaError,
@@ -35,6 +34,7 @@ from xllm.model.media import (
 )
 from xllm.model.preprocess import MediaPreparer, PreparedMedia
 from xllm.model.prompt import PromptError, bind_media
+from xllm.model.sampling import SamplingParams, sampling_params
 from xllm.server.engine.events import (
     EngineRequest,
     ErrorEvent,

@@ -87,9 +87,10 @@ class LocalBackend(Backend):
         """The model's greedy reply to the query's media and turns."""
         import torch
 
-        from xllm.model.generate import SamplingParams, generate
+        from xllm.model.generate import generate
         from xllm.model.media import load_media_file
         from xllm.model.prompt import bind_media
+        from xllm.model.sampling import SamplingParams
 
         model = self.model
         interface = model.config.image_interface

@@ -84,9 +84,10 @@ class LocalClient:
     def chat(self, prompt: str, files: list[tuple[str, Path]], max_tokens: int = 24) -> str:
         import torch
 
-        from xllm.model.generate import SamplingParams, generate
+        from xllm.model.generate import generate
         from xllm.model.media import load_media_file
         from xllm.model.prompt import bind_media
+        from xllm.model.sampling import SamplingParams
 
         model = self.model
         interface = model.config.image_interface

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
-from xllm.model.generate import SamplingParams
 from xllm.model.prompt import Message
+from xllm.model.sampling import SamplingParams
 from xllm.model.xllm import PreparedMedia
 
 

@@ -30,23 +30,11 @@ from pathlib import Path
 
 import torch
 
-from xllm.model.generate import (
-    CompileOptions,
-    IncrementalDetokenizer,
-    Sampled,
-    SampledLogprobs,
-    SequenceState,
-    SlotDecoder,
-    SlotKVCache,
-    TokenBytes,
-    eos_token_ids,
-    kv_bytes_per_position,
-    make_generator,
-    prefill_rows,
-    prompt_logprobs,
-    sample,
-)
+from xllm.model.detokenize import IncrementalDetokenizer, SequenceState, TokenBytes, eos_token_ids
+from xllm.model.generate import CompileOptions, SlotDecoder, prefill_rows
+from xllm.model.kv_cache import SlotKVCache, kv_bytes_per_position
 from xllm.model.prompt import PromptLayout
+from xllm.model.sampling import Sampled, SampledLogprobs, make_generator, prompt_logprobs, sample
 from xllm.model.xllm import XLLM, EncodedMedia
 from xllm.server.engine.encoder_cache import EncoderCache
 from xllm.server.engine.events import (

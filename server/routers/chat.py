@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
-from xllm.model.generate import PENALTY_LIMIT
+from xllm.model.sampling import PENALTY_LIMIT
 from xllm.server.deps import (
     RequestIdDep,
     ServiceDep,

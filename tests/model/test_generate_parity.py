@@ -8,20 +8,11 @@ import pytest
 import torch
 
 from xllm.model.checkpoint import load_model
-from xllm.model.generate import (
-    CompileOptions,
-    IncrementalDetokenizer,
-    SamplingParams,
-    SequenceState,
-    SlotDecoder,
-    SlotKVCache,
-    eos_token_ids,
-    generate,
-    prefill,
-    sample_next,
-    sampling_params,
-)
+from xllm.model.detokenize import IncrementalDetokenizer, SequenceState, eos_token_ids
+from xllm.model.generate import CompileOptions, SlotDecoder, generate, prefill
+from xllm.model.kv_cache import SlotKVCache
 from xllm.model.prompt import bind_media
+from xllm.model.sampling import SamplingParams, sample_next, sampling_params
 
 STEPS = 24
 
@@ -219,7 +210,8 @@ def test_text_is_the_detokenized_tokens(tiny_model, prompts) -> None:
 
 
 def test_leading_newline_of_the_answer_is_dropped(tiny_model) -> None:
-    from xllm.model.generate import IncrementalDetokenizer, SamplingParams, SequenceState
+    from xllm.model.detokenize import IncrementalDetokenizer, SequenceState
+    from xllm.model.sampling import SamplingParams
 
     newline = tiny_model.tokenizer("\n", add_special_tokens=False)["input_ids"]
     word = tiny_model.tokenizer("Red.", add_special_tokens=False)["input_ids"]

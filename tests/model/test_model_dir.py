@@ -174,7 +174,8 @@ def test_half_precision_encoders_feed_float32_interfaces(tiny_model_dir: Path, m
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_pipeline(tiny_model_dir: Path, media) -> None:
-    from xllm.model.generate import SamplingParams, generate
+    from xllm.model.generate import generate
+    from xllm.model.sampling import SamplingParams
 
     model = load_model(tiny_model_dir, device="cuda")  # auto: bf16 LLM and encoders
     assert model.llm.dtype in (torch.bfloat16, torch.float16)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xllm.model import generate
-from xllm.model.generate import SamplingParams, make_generator, penalised, sample
+from xllm.model import sampling
+from xllm.model.sampling import SamplingParams, make_generator, penalised, sample
 
 VOCAB = 12
 
@@ -82,7 +82,7 @@ def test_logprobs_with_zero_alternatives_and_suppressed_eos():
     logits = torch.randn(1, VOCAB)
     params = [SamplingParams(min_tokens=3, logprobs=VOCAB)]
     out = sample(logits, params, [[]], [None], eos_ids=[0])
-    assert out.logprobs[0].top_logprobs[-1] == generate.MIN_LOGPROB  # EOS: finite, for JSON
+    assert out.logprobs[0].top_logprobs[-1] == sampling.MIN_LOGPROB  # EOS: finite, for JSON
     none = sample(logits, [SamplingParams(logprobs=0)], [[]], [None], eos_ids=[])
     assert none.logprobs[0].top_ids == () and none.logprobs[0].logprob <= 0
 
@@ -91,7 +91,7 @@ def test_rows_that_do_not_ask_compute_no_logprobs(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("logprobs computed for a batch that asked for none")
 
-    monkeypatch.setattr(generate, "token_logprobs", fail)
+    monkeypatch.setattr(sampling, "token_logprobs", fail)
     logits = torch.randn(4, VOCAB)
     out = sample(logits, [SamplingParams()] * 4, [[]] * 4, [None] * 4, eos_ids=[])
     assert out.logprobs == [None] * 4
@@ -110,10 +110,10 @@ def test_prompt_logprobs_score_each_next_token():
     torch.manual_seed(2)
     logits = torch.randn(5, VOCAB)
     targets = [3, 1, 4, 1]  # the tokens after positions 0..3 (position 4 predicts the answer)
-    out = generate.prompt_logprobs(logits, targets, k=2)
+    out = sampling.prompt_logprobs(logits, targets, k=2)
     expected = torch.log_softmax(logits, dim=-1)
     assert len(out) == 4
     for position, (target, entry) in enumerate(zip(targets, out, strict=True)):
         assert entry.logprob == pytest.approx(expected[position, target].item(), abs=1e-5)
         assert entry.top_ids[0] == expected[position].argmax().item() and len(entry.top_ids) == 2
-    assert generate.prompt_logprobs(logits, [], k=2) == []
+    assert sampling.prompt_logprobs(logits, [], k=2) == []

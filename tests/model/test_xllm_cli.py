@@ -239,8 +239,9 @@ def test_quantized_llm_layers_in_process(cli_model: Path) -> None:
     import bitsandbytes as bnb
 
     from xllm.model.checkpoint import load_model
-    from xllm.model.generate import SamplingParams, generate
+    from xllm.model.generate import generate
     from xllm.model.prompt import bind_media
+    from xllm.model.sampling import SamplingParams
 
     for quantize, kind in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)):
         model = load_model(cli_model, device="cpu", quantize=quantize)

@@ -8,13 +8,10 @@ import pytest
 import torch
 
 from xllm.model.checkpoint import load_model
-from xllm.model.generate import (
-    SamplingParams,
-    generate,
-    kv_bytes_per_position,
-    prefill_rows,
-)
+from xllm.model.generate import generate, prefill_rows
+from xllm.model.kv_cache import kv_bytes_per_position
 from xllm.model.prompt import bind_media
+from xllm.model.sampling import SamplingParams
 from xllm.server.engine import worker
 from xllm.server.engine.encoder_cache import EncoderCache
 from xllm.server.engine.events import EngineRequest, ErrorEvent, FinishEvent, RequestHandle
