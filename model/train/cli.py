@@ -26,11 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     toy = data_commands.add_parser(
         "toy", help="generate the toy world of shapes (images, speech, video, mixed)"
     )
-    toy.add_argument("--out", required=True, type=Path, help="directory to write")
-    toy.add_argument("--n", required=True, type=int, help="training rows per manifest")
-    toy.add_argument("--n-val", type=int, default=None, help="validation rows (default n/4)")
-    toy.add_argument("--seed", type=int, default=0)
-    toy.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
+    add_generator_arguments(toy)
     toy.set_defaults(func=run_toy)
     scenes = data_commands.add_parser(
         "scenes",
@@ -38,11 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Images of several shapes, moving shapes, speech of thousands of sentences "
         "by several TTS engines and voices (held-out voices and sentences kept for evaluation).",
     )
-    scenes.add_argument("--out", required=True, type=Path, help="directory to write")
-    scenes.add_argument("--n", required=True, type=int, help="training rows per manifest")
-    scenes.add_argument("--n-val", type=int, default=None, help="validation rows (default n/4)")
-    scenes.add_argument("--seed", type=int, default=0)
-    scenes.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
+    add_generator_arguments(scenes)
     scenes.add_argument(
         "--heldout", type=int, default=0, metavar="N", help="also N rows of held-out speech"
     )
@@ -51,6 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from xllm.model.evaluation.cli import register as register_eval
 
     register_eval(subparsers)  # `xllm eval` (tasks, pack, import) lives in xllm.model.evaluation
+
+
+def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every data generator takes: where, how many rows, the seed and the processes."""
+    parser.add_argument("--out", required=True, type=Path, help="directory to write")
+    parser.add_argument("--n", required=True, type=int, help="training rows per manifest")
+    parser.add_argument("--n-val", type=int, default=None, help="validation rows (default n/4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +102,8 @@ def run_train(args: argparse.Namespace) -> int:
     from xllm.main import UserError
     from xllm.model.train.config import ConfigError, build_config, load_yaml
     from xllm.model.train.data import RowError
-    from xllm.model.train.loop import Trainer, TrainingError
+    from xllm.model.train.errors import TrainingError
+    from xllm.model.train.loop import Trainer
     from xllm.model.train.stages import StageError
 
     setup_logging()

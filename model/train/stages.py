@@ -141,6 +141,16 @@ def mark_trainable(modules: dict[str, nn.Module], prefixes: Sequence[str]) -> li
     return chosen
 
 
+def set_train_mode(objective: nn.Module) -> None:
+    """Train mode where something trains; frozen parts (e.g. a frozen Q-Former) stay in eval
+    mode, without dropout."""
+    objective.train()
+    for module in objective.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
 def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
