@@ -18,3 +18,17 @@ def train(model: Path, data: Path, out: Path, *args: str) -> list[dict]:
     argv += ["--log-every", "1", "--num-workers", "0", "--device", "cpu", *args]
     assert main(argv) == 0
     return read_metrics(out)
+
+
+def stage_args(stage: int, modality: str, max_steps: int, batch_size: int) -> tuple[str, ...]:
+    """The flags that choose what a test run trains and for how long."""
+    return (
+        "--stage",
+        str(stage),
+        "--modality",
+        modality,
+        "--max-steps",
+        str(max_steps),
+        "--batch-size",
+        str(batch_size),
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import train
+from tests.train.helpers import stage_args, train
 from xllm.model.evaluation.metrics import keyword_hit, score
 from xllm.model.train.config import build_config, load_yaml
 
@@ -44,19 +44,7 @@ def test_eval_scores(tiny_model_dir: Path, toy_dir: Path, tmp_path: Path, capsys
     from xllm.main import main
 
     out = tmp_path / "model"
-    train(
-        tiny_model_dir,
-        toy_dir / "video_train.jsonl",
-        out,
-        "--stage",
-        "2",
-        "--modality",
-        "video",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "6",
-    )
+    train(tiny_model_dir, toy_dir / "video_train.jsonl", out, *stage_args(2, "video", 1, 6))
     capsys.readouterr()
     argv = [
         "eval",

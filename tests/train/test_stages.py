@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.conftest import TOY_ROWS
-from tests.train.helpers import train
+from tests.train.helpers import stage_args, train
 
 # (stage, modality, manifest, lr, steps): one fixed batch of all rows, overfitted.
 RUNS = [
@@ -29,21 +29,8 @@ def test_stage_loss_falls(
     tiny_model_dir: Path, toy_dir: Path, tmp_path: Path, stage, modality, manifest, lr, steps
 ) -> None:
     out = tmp_path / "out"
-    metrics = train(
-        tiny_model_dir,
-        toy_dir / manifest,
-        out,
-        "--stage",
-        str(stage),
-        "--modality",
-        modality,
-        "--max-steps",
-        str(steps),
-        "--batch-size",
-        str(TOY_ROWS),
-        "--lr",
-        lr,
-    )
+    args = stage_args(stage, modality, steps, TOY_ROWS)
+    metrics = train(tiny_model_dir, toy_dir / manifest, out, *args, "--lr", lr)
     losses = [m["loss"] for m in metrics]
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert all("lr" in m for m in metrics)
@@ -64,19 +51,7 @@ def test_trained_model_generates_and_loads(tiny_model_dir: Path, toy_dir: Path, 
     from xllm.model.checkpoint import load_model
 
     out = tmp_path / "out"
-    train(
-        tiny_model_dir,
-        toy_dir / "image_train.jsonl",
-        out,
-        "--stage",
-        "2",
-        "--modality",
-        "image",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "3",
-    )
+    train(tiny_model_dir, toy_dir / "image_train.jsonl", out, *stage_args(2, "image", 2, 3))
     model = load_model(out, device="cpu")
     trained = load_file(str(out / "interfaces.safetensors"))
     loaded = model.interface_state_dict()
@@ -126,21 +101,8 @@ def test_video_stage_trains_its_own_qformer_from_the_image_one(
     }
 
     out = tmp_path / "out"
-    train(
-        tiny_model_dir,
-        toy_dir / "video_train.jsonl",
-        out,
-        "--stage",
-        "2",
-        "--modality",
-        "video",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-2",
-    )
+    args = stage_args(2, "video", 2, 2)
+    train(tiny_model_dir, toy_dir / "video_train.jsonl", out, *args, "--lr", "1e-2")
     before = load_file(str(tiny_model_dir / "interfaces.safetensors"))
     after = load_file(str(out / "interfaces.safetensors"))
     for name, value in before.items():
