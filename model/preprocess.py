@@ -1,16 +1,19 @@
-"""Step 1 of X-LLM, without model weights: decoded media -> encoder inputs (`PreparedMedia`).
+"""Step 1 of X-LLM, without model weights: media -> encoder inputs (`PreparedMedia`).
 
 The server prepares media in its API process while the model (and its weights) runs in the
 engine process, so this part holds only the config and the encoders' processors. `XLLM.prepare`
-is the same object's `prepare`.
+is the same object's `prepare`. `MediaPreparer.prepare_bytes` / `prepare_file` are the one way in
+from raw media: they pick the decoder for the kind, sample video as the model was trained, and
+time both stages.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,9 +22,15 @@ from transformers import BlipImageProcessorPil
 
 from xllm.model.config import Modality, XLLMConfig, resolve
 from xllm.model.encoders.speech import SpeechFeatures
-
-if TYPE_CHECKING:
-    from xllm.model.media import DecodedVideo
+from xllm.model.media import (
+    DecodedVideo,
+    MediaLimits,
+    decode_audio,
+    decode_image,
+    decode_video,
+    load_media_file,
+)
+from xllm.model.media.limits import DEFAULT_LIMITS
 
 
 @dataclass
@@ -33,6 +42,10 @@ class PreparedMedia:
     pixels: torch.Tensor | None = None  # image (1, 3, S, S) or video frames (T, 3, S, S)
     audio_features: torch.Tensor | None = None  # log-mel windows (W, n_mels, window_frames)
     audio_frames: int = 0  # encoder frames that cover real audio
+    # Seconds spent by `MediaPreparer.prepare_bytes` / `prepare_file`: bytes -> decoded media,
+    # then decoded media -> these tensors (the server's media_decode / media_preprocess metrics).
+    decode_seconds: float = 0.0
+    preprocess_seconds: float = 0.0
 
 
 class MediaPreparer:
@@ -85,9 +98,55 @@ class MediaPreparer:
         assert self.config.image_interface is not None
         return self.config.image_interface.max_frames
 
+    @property
+    def video_sampling(self) -> dict[str, float | int]:
+        """`decode_video`'s fps / max_frames, as the video interface was trained; empty (the
+        decoder's defaults) for a model without one."""
+        interface = self.config.image_interface
+        if interface is None:
+            return {}
+        return {"fps": interface.video_fps, "max_frames": interface.max_frames}
+
+    def prepare_bytes(
+        self, kind: Modality, data: bytes, limits: MediaLimits = DEFAULT_LIMITS
+    ) -> PreparedMedia:
+        """Untrusted bytes of `kind` -> `PreparedMedia`, with the seconds each stage took.
+
+        Raises `MediaError` for bytes that do not decode within `limits`, and `ValueError` for a
+        kind this model does not take (checked after decoding, as `prepare` does).
+        """
+        start = time.perf_counter()
+        if kind == "image":
+            decoded: Image.Image | np.ndarray | DecodedVideo = decode_image(data, limits)
+        elif kind == "audio":
+            decoded = decode_audio(data, limits)
+        elif kind == "video":
+            decoded = decode_video(data, limits, **self.video_sampling)  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"unknown media kind {kind!r}; expected image, audio or video")
+        return self._prepare_timed(kind, decoded, start)
+
+    def prepare_file(
+        self, path: str | os.PathLike[str], kind: Modality, limits: MediaLimits = DEFAULT_LIMITS
+    ) -> PreparedMedia:
+        """`prepare_bytes` for a local file; its `MediaError`s name the path."""
+        start = time.perf_counter()
+        decoded = load_media_file(path, kind, limits, **self.video_sampling)
+        return self._prepare_timed(kind, decoded, start)
+
+    def _prepare_timed(
+        self, kind: Modality, decoded: Image.Image | np.ndarray | DecodedVideo, start: float
+    ) -> PreparedMedia:
+        decoded_at = time.perf_counter()
+        prepared = self.prepare(kind, decoded)
+        prepared.decode_seconds = decoded_at - start
+        prepared.preprocess_seconds = time.perf_counter() - decoded_at
+        return prepared
+
     def prepare(
         self, kind: Modality, media: Image.Image | np.ndarray | DecodedVideo
     ) -> PreparedMedia:
+        """Decoded media -> `PreparedMedia` (untimed; `prepare_bytes` is the way in from bytes)."""
         if kind not in self.modalities:
             raise ValueError(
                 f"this model does not take {kind} input "

@@ -12,6 +12,7 @@ Pipeline for a request (each step batched across all media items given together)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +25,14 @@ from xllm.model.config import Modality, XLLMConfig
 from xllm.model.encoders.speech import SpeechEncoder
 from xllm.model.encoders.vision import VisionEncoder
 from xllm.model.preprocess import MediaPreparer, PreparedMedia
-from xllm.model.prompt import MediaSegment, Message, PromptLayout, build_layout, embed_layout
+from xllm.model.prompt import (
+    MediaSegment,
+    Message,
+    PromptLayout,
+    bind_media,
+    build_layout,
+    embed_layout,
+)
 from xllm.model.x2l.cformer import CFormer
 from xllm.model.x2l.projector import FrameStackProjector
 from xllm.model.x2l.qformer import ImageInterface, VideoInterface, build_qformer
@@ -35,6 +43,18 @@ if TYPE_CHECKING:
 
 # Encoded media: one (kind, (length, H) embeddings) per tagged segment, in prompt order.
 EncodedMedia = list[tuple[Modality, torch.Tensor]]
+
+
+@dataclass
+class PromptEmbeddings:
+    """One request's prompt as the LLM reads it (`XLLM.prompt_embeddings`)."""
+
+    layout: PromptLayout  # token ids (T,) with the media spans
+    embeds: torch.Tensor  # (T, H) on the LLM's device, in its dtype: what `generate` takes
+    encoded: list[EncodedMedia]  # per media item, its tagged segments (length, H)
+
+    def __len__(self) -> int:
+        return len(self.layout)  # T: the prompt's length in tokens
 
 
 class XLLM(nn.Module):
@@ -182,6 +202,26 @@ class XLLM(nn.Module):
         """(L, H) prompt embeddings on the LLM's device, in its dtype."""
         media = [[t for _, t in item] for item in encoded]
         return embed_layout(self.llm.get_input_embeddings(), layout, media)
+
+    # --- steps 2 to 4 for one request ---
+    def prompt_embeddings(
+        self,
+        turns: Sequence[tuple[str, str]],
+        media: Sequence[PreparedMedia],
+        *,
+        add_generation_prompt: bool = True,
+    ) -> PromptEmbeddings:
+        """(role, text) turns + the request's prepared media -> its prompt embeddings.
+
+        The media bind to the turns' placeholders in order (`bind_media`, before any encoding),
+        are encoded in one batch, and fill their spans of the layout. Gradients flow unless the
+        caller runs this under `torch.inference_mode()`. Raises `PromptError` when media and
+        placeholders do not match.
+        """
+        messages = bind_media(turns, [item.kind for item in media])
+        encoded = self.encode(media)
+        layout = self.layout(messages, encoded, add_generation_prompt=add_generation_prompt)
+        return PromptEmbeddings(layout, self.embed(layout, encoded), encoded)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
