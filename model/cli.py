@@ -68,17 +68,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from xllm.main import UserError
     from xllm.model.checkpoint import default_model_dir, load_model
-    from xllm.model.config import XLLMConfig
     from xllm.model.generate import generate
-    from xllm.model.media import load_media_file
-    from xllm.model.prompt import bind_media
+    from xllm.model.preprocess import MediaPreparer
     from xllm.model.sampling import sampling_params
 
     model_dir = args.model or default_model_dir()
-    config = XLLMConfig.load(model_dir)
+    preparer = MediaPreparer.from_pretrained(model_dir)
     try:
         params = sampling_params(
-            config.sampling,
+            preparer.config.sampling,
             max_tokens=args.max_tokens,
             min_tokens=args.min_tokens,
             temperature=args.temperature,
@@ -91,30 +89,25 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    # Media are decoded before the model loads, so a bad file fails fast.
+    # Media are prepared (video sampled as the model was trained, as the server does) before the
+    # model loads, so a bad file fails fast.
     files = [("image", p) for p in args.image] + [("audio", p) for p in args.audio]
     files += [("video", p) for p in args.video]
-    # Video frames are sampled as the model was trained (and as the server does).
-    video = config.image_interface
-    video_kwargs = {"fps": video.video_fps, "max_frames": video.max_frames} if video else {}
-    decoded = [(kind, load_media_file(path, kind, **video_kwargs)) for kind, path in files]
+    try:
+        prepared = [preparer.prepare_file(path, kind) for kind, path in files]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
     model = load_model(model_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
     turns = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
-    try:
-        prepared = [model.prepare(kind, media) for kind, media in decoded]
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     with torch.inference_mode():
-        encoded = model.encode(prepared)
-        layout = model.layout(bind_media(turns, [kind for kind, _ in decoded]), encoded)
-        embeds = model.embed(layout, encoded)
-    if len(layout) + params.max_tokens > model.max_model_len:
+        prompt = model.prompt_embeddings(turns, prepared)
+    if len(prompt) + params.max_tokens > model.max_model_len:
         raise UserError(
-            f"prompt ({len(layout)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+            f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
             f"model's context ({model.max_model_len} tokens)"
         )
-    for delta in generate(model.llm, model.tokenizer, embeds, params):
+    for delta in generate(model.llm, model.tokenizer, prompt.embeds, params):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

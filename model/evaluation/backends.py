@@ -88,26 +88,14 @@ class LocalBackend(Backend):
         import torch
 
         from xllm.model.generate import generate
-        from xllm.model.media import load_media_file
-        from xllm.model.prompt import bind_media
         from xllm.model.sampling import SamplingParams
 
         model = self.model
-        interface = model.config.image_interface
-        video = (
-            {"fps": interface.video_fps, "max_frames": interface.max_frames} if interface else {}
-        )
-        prepared = []
-        for kind, path in query.media:
-            media = load_media_file(path, kind, **(video if kind == "video" else {}))
-            prepared.append(model.prepare(kind, media))
-        kinds = [kind for kind, _ in query.media]
+        prepared = [model.preparer.prepare_file(path, kind) for kind, path in query.media]
         with torch.inference_mode():
-            encoded = model.encode(prepared)
-            layout = model.layout(bind_media(list(query.turns), kinds), encoded)  # type: ignore[arg-type]
-            embeds = model.embed(layout, encoded)
+            prompt = model.prompt_embeddings(query.turns, prepared)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        return "".join(d.text for d in generate(model.llm, model.tokenizer, embeds, params))
+        return "".join(d.text for d in generate(model.llm, model.tokenizer, prompt.embeds, params))
 
 
 def _data_uri(path: Path, default_type: str) -> str:

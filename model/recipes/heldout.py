@@ -85,21 +85,12 @@ class LocalClient:
         import torch
 
         from xllm.model.generate import generate
-        from xllm.model.media import load_media_file
-        from xllm.model.prompt import bind_media
         from xllm.model.sampling import SamplingParams
 
         model = self.model
-        interface = model.config.image_interface
-        video = {"fps": interface.video_fps, "max_frames": interface.max_frames}
-        prepared = [
-            model.prepare(kind, load_media_file(path, kind, **(video if kind == "video" else {})))
-            for kind, path in files
-        ]
+        prepared = [model.preparer.prepare_file(path, kind) for kind, path in files]
         with torch.inference_mode():
-            encoded = model.encode(prepared)
-            layout = model.layout(bind_media([("user", prompt)], [k for k, _ in files]), encoded)
-            embeds = model.embed(layout, encoded)
+            embeds = model.prompt_embeddings([("user", prompt)], prepared).embeds
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         return "".join(d.text for d in generate(model.llm, model.tokenizer, embeds, params))
 
