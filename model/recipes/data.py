@@ -13,12 +13,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from xllm.model.recipes import pretrain
+from xllm.model.recipes import pretrain_speech
 from xllm.model.train import toy
 
 
 def _training_speak(rng: random.Random, text: str):
-    return pretrain.speak(rng, text, heldout=False)
+    return pretrain_speech.speak(rng, text, heldout=False)
 
 
 def _row(job: tuple[str, str, int, int, str]) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def _heldout_row(job: tuple[int, int, str]) -> dict[str, Any]:
     index, seed, root = job
     rng = random.Random(f"heldout-voices/{seed}/{index}")
     text = toy.utterance(rng)
-    samples, rate = pretrain.speak(rng, text, heldout=True)
+    samples, rate = pretrain_speech.speak(rng, text, heldout=True)
     import soundfile as sf
 
     target = rng.choice(toy.SAMPLE_RATES)

@@ -216,7 +216,7 @@ class Recipe:
 
     # --- pre-training ----------------------------------------------------------------
     def tokenizer(self) -> dict[str, Any]:
-        from xllm.model.recipes.pretrain import build_tokenizer
+        from xllm.model.recipes.pretrain_llm import build_tokenizer
 
         tokenizer = build_tokenizer(self.seed)
         tokenizer.save_pretrained(self.base / "llm")
@@ -225,7 +225,7 @@ class Recipe:
     def llm(self) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
-        from xllm.model.recipes.pretrain import LMSize, pretrain_lm
+        from xllm.model.recipes.pretrain_llm import LMSize, pretrain_lm
 
         tokenizer = AutoTokenizer.from_pretrained(self.base / "llm")
         s = self.scale
@@ -247,7 +247,7 @@ class Recipe:
     def vision(self) -> dict[str, Any]:
         from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-        from xllm.model.recipes.pretrain import pretrain_vision
+        from xllm.model.recipes.pretrain_vision import pretrain_vision
 
         s = self.scale
         model, figures = pretrain_vision(
@@ -271,7 +271,7 @@ class Recipe:
         """More LLM steps on fresh dialogues, with the "\\n" after <|assistant|> as a target."""
         from transformers import AutoTokenizer
 
-        from xllm.model.recipes.pretrain import LMSize, pretrain_lm
+        from xllm.model.recipes.pretrain_llm import LMSize, pretrain_lm
 
         tokenizer = AutoTokenizer.from_pretrained(self.base / "llm")
         s = self.scale
@@ -294,7 +294,7 @@ class Recipe:
         """More CTC steps on fresh clips (a fresh CTC head on the pre-trained encoder)."""
         from transformers import AutoTokenizer
 
-        from xllm.model.recipes.pretrain import pretrain_speech
+        from xllm.model.recipes.pretrain_speech import pretrain_speech
 
         s = self.scale
         if not s.speech_tune_steps:
@@ -316,7 +316,7 @@ class Recipe:
 
     def vision_tune(self, round: int) -> dict[str, Any]:
         """More vision steps on a fresh pool of images, with this round's schedule (1-based)."""
-        from xllm.model.recipes.pretrain import pretrain_vision
+        from xllm.model.recipes.pretrain_vision import pretrain_vision
 
         s = self.scale
         steps, lr = s.vision_tune[round - 1]
@@ -335,7 +335,7 @@ class Recipe:
     def speech(self) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
-        from xllm.model.recipes.pretrain import pretrain_speech
+        from xllm.model.recipes.pretrain_speech import pretrain_speech
 
         s = self.scale
         tokenizer = AutoTokenizer.from_pretrained(self.base / "llm")

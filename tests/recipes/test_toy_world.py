@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from xllm.model.recipes.heldout import names_exactly, scene_of
-from xllm.model.recipes.pretrain import (
+from xllm.model.recipes.pretrain import edit_distance
+from xllm.model.recipes.pretrain_llm import build_tokenizer
+from xllm.model.recipes.pretrain_speech import (
     ACCENTS,
     HELDOUT_SPEEDS,
     HELDOUT_VARIANTS,
     TRAIN_SPEEDS,
     TRAIN_VARIANTS,
-    build_tokenizer,
-    edit_distance,
 )
 from xllm.model.recipes.world import World
 from xllm.model.train import toy
