@@ -13,7 +13,6 @@ import tracemalloc
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -32,6 +31,8 @@ from xllm.model.media import (
     load_media_file,
     sniff_kind,
 )
+from xllm.model.media.writer import encode_video as write_video
+from xllm.model.media.writer import mux_audio
 
 RED, GREEN, BLUE = (230, 20, 20), (20, 230, 20), (20, 20, 230)
 
@@ -81,28 +82,6 @@ def need_encoder(name: str) -> None:
         pytest.skip(f"PyAV build has no {name} encoder")
 
 
-def _mux_audio(container, stream, planar: np.ndarray, rate: int) -> None:
-    """Encode (channels, n) float32 into `stream`, converting to the codec's format."""
-    layout = "mono" if planar.shape[0] == 1 else "stereo"
-    frame_size = stream.codec_context.frame_size or 1024
-    resampler = av.AudioResampler(
-        format=stream.codec_context.codec.audio_formats[0].name, layout=layout, rate=stream.rate
-    )
-    for i in range(0, planar.shape[1], frame_size):
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(planar[:, i : i + frame_size]), format="fltp", layout=layout
-        )
-        frame.sample_rate = rate
-        frame.pts = i
-        frame.time_base = Fraction(1, rate)
-        for out in resampler.resample(frame):
-            container.mux(stream.encode(out))
-    for out in resampler.resample(None):
-        if out is not None:
-            container.mux(stream.encode(out))
-    container.mux(stream.encode(None))
-
-
 def encode_av_audio(fmt: str, codec: str, planar: np.ndarray, rate: int) -> bytes:
     """Encode (channels, n) float32 at `rate` with a PyAV encoder."""
     need_encoder(codec)
@@ -110,7 +89,7 @@ def encode_av_audio(fmt: str, codec: str, planar: np.ndarray, rate: int) -> byte
     with av.open(buf, "w", format=fmt) as container:
         layout = "mono" if planar.shape[0] == 1 else "stereo"
         stream = container.add_stream(codec, rate=rate, layout=layout)
-        _mux_audio(container, stream, planar, rate)
+        mux_audio(container, stream, planar, rate)
     return buf.getvalue()
 
 
@@ -126,36 +105,30 @@ def encode_video(
     rotation: int | None = None,
     options: dict[str, str] | None = None,
 ) -> bytes:
+    """A `seconds` clip of `size` (W, H) whose colour at time t is color(t); with `rotation`, the
+    left half is BLUE (to check orientation); with `audio_codec`, a 440 Hz tone track."""
     need_encoder(codec)
     if audio_codec is not None:
         need_encoder(audio_codec)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt, options=options or {}) as container:
-        vs = container.add_stream(codec, rate=rate)
-        vs.width, vs.height = size
-        vs.pix_fmt = "yuv420p"
+    if rotation is not None and not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip(f"PyAV {av.__version__} cannot write a display rotation (18 can)")
+    frames = np.empty((round(seconds * rate), size[1], size[0], 3), np.uint8)  # (T, H, W, 3)
+    for i, img in enumerate(frames):
+        img[:] = color(i / rate)
         if rotation is not None:
-            if not hasattr(vs, "set_display_rotation"):
-                pytest.skip(f"PyAV {av.__version__} cannot write a display rotation (18 can)")
-            vs.set_display_rotation(rotation)
-        astream = None
-        if audio_codec is not None:
-            arate = 48000 if "opus" in audio_codec else 44100
-            astream = container.add_stream(audio_codec, rate=arate, layout="mono")
-        for i in range(round(seconds * rate)):
-            img = np.empty((size[1], size[0], 3), np.uint8)
-            img[:] = color(i / rate)
-            if rotation is not None:
-                img[:, : size[0] // 2] = BLUE  # mark the left half to check orientation
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            frame.time_base = Fraction(1, rate)
-            container.mux(vs.encode(frame))
-        container.mux(vs.encode(None))
-        if astream is not None:
-            tone = sine(440, seconds, astream.rate, 0.3)[None, :]
-            _mux_audio(container, astream, tone, astream.rate)
-    return buf.getvalue()
+            img[:, : size[0] // 2] = BLUE
+    audio_rate = 48000 if audio_codec is not None and "opus" in audio_codec else 44100
+    return write_video(
+        frames,
+        rate,
+        codec=codec,
+        container=fmt,
+        audio=None if audio_codec is None else sine(440, seconds, audio_rate, 0.3),
+        audio_rate=audio_rate,
+        audio_codec=audio_codec or "aac",
+        rotation=rotation,
+        options=options,
+    )
 
 
 def by_second(t: float) -> tuple[int, int, int]:
@@ -614,7 +587,7 @@ def test_audio_file_with_cover_art_is_not_a_video() -> None:
         pic = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 200, np.uint8), format="rgb24")
         container.mux(cover.encode(pic.reformat(format="yuvj420p")))
         container.mux(cover.encode(None))
-        _mux_audio(container, audio, sine(440, 1.0, 44100)[None], 44100)
+        mux_audio(container, audio, sine(440, 1.0, 44100)[None], 44100)
     data = buf.getvalue()
     assert abs(len(decode_audio(data)) - SAMPLE_RATE) <= 0.06 * SAMPLE_RATE
     expect_error(lambda: decode_video(data), 400, "no video stream")
