@@ -4,6 +4,7 @@
     metrics     WER/CER (jiwer), keyword accuracy, LLaVA-Bench relative scores: pure arithmetic
     judge       the LLaVA-Bench review protocol and a cached, retrying, rate-limited judge client
     backends    who answers: a model directory in this process, or a server's OpenAI endpoint
+    bench_baseline  `xllm bench --baseline`: the bench's requests through HF generate, in process
     tasks       asr, masr, vqa, caption, direction, relative-score: rows -> queries -> metrics
     harness     running tasks, collecting predictions, assembling the report
     report      JSON + Markdown reports, with published figures of other systems beside them

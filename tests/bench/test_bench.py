@@ -18,7 +18,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from xllm.clients import bench
+from xllm.clients.bench.load import run_load
+from xllm.clients.bench.media import MediaItem, make_png, make_wav
+from xllm.clients.bench.report import percentile
+from xllm.clients.bench.workload import DEFAULT_MIX, build_requests, kind_counts, parse_mix
 
 DISTRIBUTION = {"mean", "p50", "p95", "p99"}
 REPORT_FIELDS = {
@@ -110,8 +113,8 @@ def test_bench_poisson_arrivals_with_media_dir(
 ) -> None:
     media = tmp_path / "media"
     media.mkdir()
-    (media / "a.png").write_bytes(bench.make_png(1))
-    (media / "b.wav").write_bytes(bench.make_wav(2, seconds=0.5))
+    (media / "a.png").write_bytes(make_png(1))
+    (media / "b.wav").write_bytes(make_wav(2, seconds=0.5))
     out = tmp_path / "report.json"
     done = run_bench(
         "--url",
@@ -217,16 +220,16 @@ def test_bench_refuses_bad_arguments() -> None:
 
 # --- building blocks, in process ---
 def test_parse_mix_and_counts() -> None:
-    assert bench.parse_mix("image=3,text=1") == {"image": 0.75, "text": 0.25}
-    assert bench.parse_mix("audio") == {"audio": 1.0}
+    assert parse_mix("image=3,text=1") == {"image": 0.75, "text": 0.25}
+    assert parse_mix("audio") == {"audio": 1.0}
     for bad in ("image=-1", "image=x", "", "text=0"):
         with pytest.raises(ValueError):
-            bench.parse_mix(bad)
-    counts = bench.kind_counts(bench.parse_mix("image=1,audio=1,video=1"), 10)
+            parse_mix(bad)
+    counts = kind_counts(parse_mix("image=1,audio=1,video=1"), 10)
     assert sum(counts.values()) == 10 and max(counts.values()) - min(counts.values()) <= 1
 
 
-def decoded(item: bench.MediaItem) -> np.ndarray:
+def decoded(item: MediaItem) -> np.ndarray:
     """What a media item holds, as the server decodes it: pixels or frames in [0, 1], samples."""
     data = io.BytesIO(item.data)
     if item.kind == "image":
@@ -241,8 +244,8 @@ def decoded(item: bench.MediaItem) -> np.ndarray:
 def test_requests_are_seeded_and_distinct() -> None:
     # The seed fixes the content (pixels, samples, frames), not an encoder's bytes: H.264 is
     # lossy, so two encodings of the same frames are compared within its error.
-    mix = bench.parse_mix(bench.DEFAULT_MIX)
-    first, again = bench.build_requests(8, mix, seed=3), bench.build_requests(8, mix, seed=3)
+    mix = parse_mix(DEFAULT_MIX)
+    first, again = build_requests(8, mix, seed=3), build_requests(8, mix, seed=3)
     assert [(r.kind, r.prompt) for r in first] == [(r.kind, r.prompt) for r in again]
     media = [m for r in first for m in r.media]
     assert len(media) == 6  # one item per media request
@@ -264,13 +267,13 @@ def test_percentiles_match_numpy() -> None:
 
     values = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4, 0.15]
     for q in (50, 95, 99):
-        assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
+        assert percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
 def test_load_generator_survives_an_unreachable_server() -> None:
-    requests = bench.build_requests(2, {"text": 1.0}, seed=0)
+    requests = build_requests(2, {"text": 1.0}, seed=0)
     results, _ = asyncio.run(
-        bench.run_load(
+        run_load(
             requests,
             url="http://127.0.0.1:9",
             max_tokens=2,

@@ -1,0 +1,157 @@
+"""The load generator: streaming `POST /chat` requests at a fixed concurrency or as Poisson
+arrivals, every SSE event timed on arrival."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from xllm.clients.bench.report import RequestResult
+from xllm.clients.bench.workload import MIME, BenchRequest
+
+
+def _form(request: BenchRequest, max_tokens: int):
+    """The /chat form: url-encoded for text, multipart when there are files (as curl sends)."""
+    import aiohttp
+
+    form = aiohttp.FormData(
+        {
+            "prompt": request.prompt,
+            "stream": "true",
+            "max_tokens": str(max_tokens),
+            "ignore_eos": "true",
+            "temperature": "0",
+        }
+    )
+    for item in request.media:
+        mime = MIME.get(Path(item.filename).suffix.lower(), "application/octet-stream")
+        form.add_field(item.kind, item.data, filename=item.filename, content_type=mime)
+    return form
+
+
+def _error_message(status: int, body: bytes) -> str:
+    import json
+
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:200].decode("utf-8", "replace")
+    return f"HTTP {status}: {message}"
+
+
+async def send_one(session, url: str, request: BenchRequest, max_tokens: int, headers: dict):
+    """One streaming POST /chat; every SSE event timed on arrival."""
+    import json
+    import time
+
+    import aiohttp
+
+    result = RequestResult(request.index, request.kind)
+    form = _form(request, max_tokens)
+    result.start = time.perf_counter()
+    last: float | None = None
+    try:
+        async with session.post(f"{url}/chat", data=form, headers=headers) as response:
+            if response.status != 200:
+                result.error = _error_message(response.status, await response.read())
+                return result
+            async for raw in response.content:  # one line per iteration
+                now = time.perf_counter()
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                event = json.loads(payload)
+                if "error" in event:
+                    error = event["error"]
+                    message = error.get("message", error) if isinstance(error, dict) else error
+                    result.error = f"stream error: {message}"
+                    return result
+                if last is None:
+                    result.ttft = now - result.start
+                else:
+                    result.itl.append(now - last)
+                last = now
+                usage = event.get("usage")
+                if usage is not None:
+                    result.e2e = now - result.start
+                    result.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                    result.completion_tokens = int(usage.get("completion_tokens", 0))
+        if result.e2e is None:
+            result.error = "the stream ended without a final event (usage)"
+        else:
+            result.ok = True
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    except ValueError as exc:  # a malformed event
+        result.error = f"bad SSE event: {exc}"
+    return result
+
+
+async def run_load(
+    requests: list[BenchRequest],
+    *,
+    url: str,
+    max_tokens: int,
+    concurrency: int | None,
+    request_rate: float | None,
+    seed: int,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+    warmup: list[BenchRequest] | None = None,
+    progress: bool = True,
+) -> tuple[list[RequestResult], float]:
+    """Send the requests; returns their results (in request order) and the run's duration.
+
+    aiohttp, not httpx (as `vllm bench serve`): the load generator shares the machine with the
+    server, and on 2 CPUs httpx's per-chunk overhead showed up in the measured TTFT."""
+    import asyncio
+    import random
+    import time
+
+    import aiohttp
+    from tqdm import tqdm
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    connector = aiohttp.TCPConnector(limit=0)  # no connection cap: --concurrency is the cap
+    timeouts = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 30.0))
+    results: list[RequestResult | None] = [None] * len(requests)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeouts) as session:
+        for request in warmup or []:
+            done = await send_one(session, url, request, max_tokens, headers)
+            if not done.ok:
+                raise RuntimeError(f"warm-up request failed: {done.error}")
+        bar = tqdm(total=len(requests), desc="bench", unit="req", disable=not progress)
+        gate = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def one(position: int) -> None:
+            if gate is not None:
+                async with gate:
+                    results[position] = await send_one(
+                        session, url, requests[position], max_tokens, headers
+                    )
+            else:
+                results[position] = await send_one(
+                    session, url, requests[position], max_tokens, headers
+                )
+            bar.update(1)
+
+        start = time.perf_counter()
+        if request_rate is None or math.isinf(request_rate):
+            await asyncio.gather(*(one(i) for i in range(len(requests))))
+        else:
+            rng = random.Random(seed)
+            tasks = []
+            due = start
+            for i in range(len(requests)):
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(i)))
+                due += rng.expovariate(request_rate)
+            await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        bar.close()
+    return [r for r in results if r is not None], duration
