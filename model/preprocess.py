@@ -9,10 +9,10 @@ time both stages.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from xllm.model.media import (
 from xllm.model.media.limits import DEFAULT_LIMITS
 
 
-@dataclass
+@dataclasses.dataclass
 class PreparedMedia:
     """A media item ready for the encoders (CPU tensors, made off the model thread)."""
 
@@ -108,10 +108,16 @@ class MediaPreparer:
         return {"fps": interface.video_fps, "max_frames": interface.max_frames}
 
     def prepare_bytes(
-        self, kind: Modality, data: bytes, limits: MediaLimits = DEFAULT_LIMITS
+        self,
+        kind: Modality,
+        data: bytes,
+        limits: MediaLimits = DEFAULT_LIMITS,
+        *,
+        video_audio: bool = True,
     ) -> PreparedMedia:
         """Untrusted bytes of `kind` -> `PreparedMedia`, with the seconds each stage took.
 
+        `video_audio=False` leaves a video's audio track out (training stage 2 sees frames only).
         Raises `MediaError` for bytes that do not decode within `limits`, and `ValueError` for a
         kind this model does not take (checked after decoding, as `prepare` does).
         """
@@ -124,19 +130,30 @@ class MediaPreparer:
             decoded = decode_video(data, limits, **self.video_sampling)  # type: ignore[arg-type]
         else:
             raise ValueError(f"unknown media kind {kind!r}; expected image, audio or video")
-        return self._prepare_timed(kind, decoded, start)
+        return self._prepare_timed(kind, decoded, start, video_audio)
 
     def prepare_file(
-        self, path: str | os.PathLike[str], kind: Modality, limits: MediaLimits = DEFAULT_LIMITS
+        self,
+        path: str | os.PathLike[str],
+        kind: Modality,
+        limits: MediaLimits = DEFAULT_LIMITS,
+        *,
+        video_audio: bool = True,
     ) -> PreparedMedia:
         """`prepare_bytes` for a local file; its `MediaError`s name the path."""
         start = time.perf_counter()
         decoded = load_media_file(path, kind, limits, **self.video_sampling)
-        return self._prepare_timed(kind, decoded, start)
+        return self._prepare_timed(kind, decoded, start, video_audio)
 
     def _prepare_timed(
-        self, kind: Modality, decoded: Image.Image | np.ndarray | DecodedVideo, start: float
+        self,
+        kind: Modality,
+        decoded: Image.Image | np.ndarray | DecodedVideo,
+        start: float,
+        video_audio: bool,
     ) -> PreparedMedia:
+        if isinstance(decoded, DecodedVideo) and not video_audio:
+            decoded = dataclasses.replace(decoded, audio=None)
         decoded_at = time.perf_counter()
         prepared = self.prepare(kind, decoded)
         prepared.decode_seconds = decoded_at - start

@@ -44,6 +44,15 @@ def test_prepare_bytes_is_decode_then_prepare_with_the_models_video_sampling(tin
         assert same(preparer.prepare_bytes(kind, data[kind]), expected), kind
 
 
+def test_video_audio_can_be_left_out(tiny_model) -> None:
+    video = make_mp4(audio=True)
+    with_track = tiny_model.preparer.prepare_bytes("video", video)
+    frames_only = tiny_model.preparer.prepare_bytes("video", video, video_audio=False)
+    assert with_track.audio_features is not None and frames_only.audio_features is None
+    assert torch.equal(with_track.pixels, frames_only.pixels)
+    assert with_track.digest != frames_only.digest
+
+
 def test_stages_are_timed_apart(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
     """One clock tick before decoding, one after, one after preprocessing."""
     ticks = itertools.count()
