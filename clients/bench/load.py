@@ -106,7 +106,7 @@ async def run_load(
     """Send the requests; returns their results (in request order) and the run's duration.
 
     aiohttp, not httpx (as `vllm bench serve`): the load generator shares the machine with the
-    server, and on 2 CPUs httpx's per-chunk overhead showed up in the measured TTFT."""
+    server, so its per-chunk cost adds to the TTFT it reports (figures: docs/PERFORMANCE.md)."""
     import asyncio
     import random
     import time
