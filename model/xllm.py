@@ -1,11 +1,13 @@
 """X-LLM: frozen encoders -> trainable X2L interfaces -> a frozen LLM's input embeddings.
 
 Pipeline for a request (each step batched across all media items given together):
-    step 1: media decoded (xllm.model.media) and preprocessed (`prepare`: pixels, log-mel windows);
+    step 1: media decoded (xllm.model.media) and preprocessed (`prepare`: pixels, log-mel windows),
+            from bytes in one call: `MediaPreparer.prepare_bytes` / `prepare_file`;
     step 2: frozen encoders: BLIP-2 ViT over images and video frames, Whisper over audio windows;
     step 3: X2L interfaces: Q-Former + projection (image), Q-Former with video queries + temporal
             embeddings + projection (video), C-Former or frame stacking + projection (speech);
-    step 4: prompt layout (xllm.model.prompt) and embeddings with the media spans filled in;
+    step 4: prompt layout (xllm.model.prompt) and embeddings with the media spans filled in
+            (steps 2-4 for one request: `prompt_embeddings`);
     step 5: decoding (xllm.model.generate).
 """
 

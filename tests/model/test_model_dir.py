@@ -12,7 +12,6 @@ import torch
 from xllm.model.checkpoint import load_model, save_interfaces
 from xllm.model.config import INTERFACES_NAME, ModelConfigError
 from xllm.model.media import DecodedVideo
-from xllm.model.prompt import bind_media
 
 
 def multimodal_logits(model, media) -> torch.Tensor:
@@ -29,15 +28,13 @@ def multimodal_logits(model, media) -> torch.Tensor:
     ]
     turns = [("user", "Look at <image>, hear <audio> and watch <video>.")]
     with torch.inference_mode():
-        encoded = model.encode(items)
-        assert [[kind for kind, _ in item] for item in encoded] == [
+        prompt = model.prompt_embeddings(turns, items)
+        assert [[kind for kind, _ in item] for item in prompt.encoded] == [
             ["image"],
             ["audio"],
             ["video", "audio"],
         ]
-        layout = model.layout(bind_media(turns, ["image", "audio", "video"]), encoded)
-        embeds = model.embed(layout, encoded)
-        return model.llm(inputs_embeds=embeds[None]).logits[0]
+        return model.llm(inputs_embeds=prompt.embeds[None]).logits[0]
 
 
 @pytest.fixture
@@ -181,7 +178,7 @@ def test_cuda_bf16_pipeline(tiny_model_dir: Path, media) -> None:
     assert model.llm.dtype in (torch.bfloat16, torch.float16)
     logits = multimodal_logits(model, media)
     assert torch.isfinite(logits).all()
-    embeds = model.embed(model.layout(bind_media([("user", "hi")], []), []), [])
+    embeds = model.prompt_embeddings([("user", "hi")], []).embeds
     deltas = list(generate(model.llm, model.tokenizer, embeds, SamplingParams(max_tokens=8)))
     assert 1 <= len(deltas) <= 8
 

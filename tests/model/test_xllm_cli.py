@@ -160,7 +160,6 @@ def prompt_length(model_dir: Path, files, video: str, fps: float) -> tuple[int, 
     """The prompt's length and the video's segments, computed in-process."""
     from xllm.model.checkpoint import load_model
     from xllm.model.media import load_media_file
-    from xllm.model.prompt import bind_media
 
     model = load_model(model_dir, device="cpu")
     video_media = load_media_file(files[video], "video", fps=fps, max_frames=8)
@@ -170,9 +169,8 @@ def prompt_length(model_dir: Path, files, video: str, fps: float) -> tuple[int, 
         model.prepare("video", video_media),
     ]
     with torch.inference_mode():
-        encoded = model.encode(items)
-    layout = model.layout(bind_media([("user", PROMPT)], ["image", "audio", "video"]), encoded)
-    return len(layout), [kind for kind, _ in encoded[2]]
+        prompt = model.prompt_embeddings([("user", PROMPT)], items)
+    return len(prompt), [kind for kind, _ in prompt.encoded[2]]
 
 
 def test_over_long_prompt(runs, fps10_model: Path, files) -> None:
@@ -240,7 +238,6 @@ def test_quantized_llm_layers_in_process(cli_model: Path) -> None:
 
     from xllm.model.checkpoint import load_model
     from xllm.model.generate import generate
-    from xllm.model.prompt import bind_media
     from xllm.model.sampling import SamplingParams
 
     for quantize, kind in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)):
@@ -252,9 +249,8 @@ def test_quantized_llm_layers_in_process(cli_model: Path) -> None:
         for module in (model.vision, model.speech, *model.interfaces().values()):
             assert not any(isinstance(m, kind) for m in module.modules())
             assert all(p.dtype == torch.float32 for p in module.parameters())
-        layout = model.layout(bind_media([("user", "hello")], []), [])
         with torch.inference_mode():
-            embeds = model.embed(layout, [])
+            embeds = model.prompt_embeddings([("user", "hello")], []).embeds
         deltas = list(
             generate(model.llm, model.tokenizer, embeds, SamplingParams(max_tokens=4, min_tokens=4))
         )
