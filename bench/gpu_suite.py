@@ -352,7 +352,8 @@ PROMPTS = (
 def make_engine(
     model, max_batch: int, ctx: int, observer, compile: bool = False, backend: str = "inductor"
 ):
-    from xllm.server.engine.worker import Engine, EngineConfig
+    from xllm.server.engine.config import EngineConfig
+    from xllm.server.engine.worker import Engine
 
     config = EngineConfig(
         max_batch=max_batch,

@@ -35,8 +35,7 @@ from xllm.server.settings import Settings
 
 if TYPE_CHECKING:
     from xllm.model.xllm import XLLM
-    from xllm.server.engine.process import EngineProcess
-    from xllm.server.engine.worker import Engine
+    from xllm.server.engine.contract import EngineClient
 
 log = logging.getLogger("xllm.server")
 
@@ -90,8 +89,9 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
     from xllm.model.checkpoint import default_model_dir, load_model
     from xllm.model.media import MediaLimits
     from xllm.model.preprocess import MediaPreparer
+    from xllm.server.engine.config import EngineConfig
     from xllm.server.engine.process import EngineProcess, EngineSpec
-    from xllm.server.engine.worker import Engine, EngineConfig
+    from xllm.server.engine.worker import Engine
     from xllm.server.remote_media import RemoteMediaFetcher
     from xllm.server.serving import ChatService, ServingLimits
 
@@ -110,7 +110,7 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
             int(s.kv_cache_memory_gb * 2**30) if s.kv_cache_memory_gb is not None else None
         ),
     )
-    engine: Engine | EngineProcess
+    engine: EngineClient
     try:
         if model is not None:
             preparer, engine = model.preparer, Engine(model, config, runtime.metrics)
@@ -152,8 +152,8 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
             extra={
                 "model": preparer.config.name,
                 "modalities": list(preparer.modalities),
-                "engine": "process" if isinstance(engine, EngineProcess) else "thread",
-                "engine_pid": engine.pid if isinstance(engine, EngineProcess) else os.getpid(),
+                "engine": "thread" if isinstance(engine, Engine) else "process",
+                "engine_pid": engine.pid,
                 "max_batch": engine.config.max_batch,
                 "max_model_len": engine.max_model_len,
                 "kv_cache_mb": round(engine.kv_cache_bytes / 2**20, 1),
@@ -164,7 +164,7 @@ async def _start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPoo
         log.exception("model failed to load")
 
 
-def _drain(engine: Engine | EngineProcess, timeout: float) -> None:
+def _drain(engine: EngineClient, timeout: float) -> None:
     """Stop intake, let running requests finish up to `timeout`, then end the rest with an error."""
     engine.stop_intake()
     if not engine.join(timeout):

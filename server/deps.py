@@ -10,8 +10,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
 
-from xllm.server.engine.process import EngineProcess
-from xllm.server.engine.worker import Engine
+from xllm.server.engine.contract import EngineClient
 from xllm.server.metrics import Metrics
 from xllm.server.middleware import bearer_key_valid
 from xllm.server.serving import ChatService
@@ -28,7 +27,7 @@ class Runtime:
     metrics: Metrics
     api_keys: list[str] = field(default_factory=list)
     service: ChatService | None = None
-    engine: Engine | EngineProcess | None = None
+    engine: EngineClient | None = None
     draining: bool = False
     load_error: str | None = None
 

@@ -35,6 +35,8 @@ from xllm.model.media import (
 from xllm.model.preprocess import MediaPreparer, PreparedMedia
 from xllm.model.prompt import PromptError, bind_media
 from xllm.model.sampling import SamplingParams, sampling_params
+from xllm.server.engine.admission import EngineFull, EngineUnavailable
+from xllm.server.engine.contract import EngineClient
 from xllm.server.engine.events import (
     EngineRequest,
     ErrorEvent,
@@ -45,8 +47,6 @@ from xllm.server.engine.events import (
     TokenLogprobs,
     Usage,
 )
-from xllm.server.engine.process import EngineProcess
-from xllm.server.engine.worker import Engine, EngineFull, EngineUnavailable
 from xllm.server.errors import ServingError
 from xllm.server.metrics import Metrics
 from xllm.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -213,7 +213,7 @@ class ChatService:
     def __init__(
         self,
         preparer: MediaPreparer,
-        engine: Engine | EngineProcess,
+        engine: EngineClient,
         limits: ServingLimits,
         executor: ThreadPoolExecutor,
         fetcher: RemoteMediaFetcher,

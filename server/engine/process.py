@@ -1,18 +1,20 @@
 """The engine in its own process: the model loop gets a core and an interpreter of its own.
 
-In one process the event loop (HTTP, SSE) and the model loop serialise on the GIL: on 2 CPUs the
-server used 0.8 of its 2 cores at 16 clients (docs/PERFORMANCE.md). Here the child process runs
-the same `Engine`; this side keeps the admission count and every request's handle. Each side
-queues its messages and writes what has piled up as one list, from the thread that posts
-(`_Outbox`); a reader thread on each side drains the pipe:
+In one process the event loop (HTTP, SSE) and the model loop serialise on the GIL, and the
+server cannot use the cores it has (docs/PERFORMANCE.md). Here the child process runs
+the same `EngineLoop` as the in-process `Engine`; this side keeps the admission control (the
+only count of requests in the system) and every request's handle. Each side queues its messages
+and writes what has piled up as one list, from the thread that posts (`_Outbox`); a reader
+thread on each side drains the pipe:
 
     API process (EngineProcess)                      engine process (_engine_main)
-    submit ------------ ("submit", key, request) --> engine.reserve() + engine.submit()
+    submit ------------ ("submit", key, request) --> loop.submit()
     handle.cancel() --- ("cancel", key) -----------> that request's cancelled flag
     abort_all / shutdown --------------------------> the same on the engine
     handles, metrics <- ("event", key, event) ------ the engine's events, and its observer calls
-                        ("observe", name, args)      (metric samples), in order; a decode step's
-                                                     events travel as one message
+                        ("observe", name, args)      (metric samples), in order; the loop's
+                                                     report ends an iteration and sends its
+                                                     events as one message
     wedged / stalled_for <- a shared double: the start of the engine's current iteration
 
 Requests are keyed by a sequence number (X-Request-ID values come from clients and may repeat).
@@ -23,7 +25,6 @@ the worker thread of an in-process `Engine` dies.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -35,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xllm.server.engine.admission import AdmissionControl
+from xllm.server.engine.config import EngineConfig
+from xllm.server.engine.contract import EngineObserver
 from xllm.server.engine.events import (
     EngineRequest,
     ErrorEvent,
@@ -42,21 +46,13 @@ from xllm.server.engine.events import (
     FinishEvent,
     RequestHandle,
 )
-from xllm.server.engine.worker import (
-    AdmissionControl,
-    Engine,
-    EngineConfig,
-    EngineFull,
-    EngineObserver,
-    EngineUnavailable,
-)
+from xllm.server.engine.worker import WORKER_FAILED, EngineLoop
 
 log = logging.getLogger("xllm.engine")
 
 Connection = multiprocessing.connection.Connection
-OBSERVER_METHODS = tuple(name for name in vars(EngineObserver) if not name.startswith("_"))
+OBSERVER_METHODS = frozenset(name for name in vars(EngineObserver) if not name.startswith("_"))
 HEARTBEAT_INTERVAL = 0.05  # seconds between the child's heartbeat stamps
-WORKER_FAILED = "the model worker failed; the request was not completed"
 
 
 class EngineLoadError(Exception):
@@ -77,7 +73,7 @@ class EngineSpec:
 
 
 class EngineProcess(AdmissionControl):
-    """An `Engine` in a child process, with the in-process engine's interface for the server."""
+    """An `EngineLoop` in a child process, behind the engine contract (contract.py)."""
 
     def __init__(self, spec: EngineSpec, observer: EngineObserver | None = None) -> None:
         super().__init__()
@@ -91,8 +87,6 @@ class EngineProcess(AdmissionControl):
         self._conn: Connection | None = None
         self._outbox: _Outbox | None = None
         self._heartbeat: Any = None  # multiprocessing.Value("d"): monotonic seconds
-        self._handles: dict[int, RequestHandle] = {}  # submitted, no final event yet
-        self._keys = itertools.count()
         self._running = 0  # as of the engine's latest step report
         self._closing = False
 
@@ -148,13 +142,6 @@ class EngineProcess(AdmissionControl):
     def abort_all(self, message: str) -> None:
         self._send(("abort_all", message))
 
-    def abandon(self, message: str) -> None:
-        """For a wedged engine: end every in-flight request here, without waiting for it."""
-        with self._lock:
-            handles, self._handles = list(self._handles.values()), {}
-        for handle in handles:
-            handle.push(ErrorEvent(message, 503, "unavailable"))
-
     def shutdown(self) -> None:
         wedged = self.wedged
         self._stopping = self._closing = True
@@ -189,9 +176,7 @@ class EngineProcess(AdmissionControl):
     # --- requests ---
     def submit(self, request: EngineRequest, handle: RequestHandle) -> None:
         """Hand a reserved request to the engine process; its events arrive on `handle`."""
-        key = next(self._keys)
-        with self._lock:
-            self._handles[key] = handle
+        key = self.track(handle)
         handle.on_cancel(lambda: self._send(("cancel", key)))
         self._send(("submit", key, request))
 
@@ -219,15 +204,12 @@ class EngineProcess(AdmissionControl):
             _, name, args = item
             if name == "step":
                 self._running = args[0]
-            getattr(self.observer, name)(*args)
+            if name in OBSERVER_METHODS:
+                getattr(self.observer, name)(*args)
         elif kind == "event":
             _, key, event = item
             final = isinstance(event, (FinishEvent, ErrorEvent))
-            with self._lock:
-                handle = self._handles.pop(key, None) if final else self._handles.get(key)
-                if handle is not None and final:
-                    # Before the event: whoever sees the end also sees the place released.
-                    self._in_system -= 1
+            handle = self.settle(key) if final else self.handle(key)
             if handle is not None:
                 handle.push(event)
         elif kind == "dead":
@@ -237,20 +219,16 @@ class EngineProcess(AdmissionControl):
         if self.dead is None:
             log.error("model worker died", extra={"error": str(error)})
             self.dead = error
-        with self._lock:
-            handles, self._handles = list(self._handles.values()), {}
-        for handle in handles:
-            handle.push(ErrorEvent(WORKER_FAILED, 500))
+        self.end_all(ErrorEvent(WORKER_FAILED, 500))
 
 
 # --- the engine process ---
 class _Outbox:
     """One direction of the pipe: messages queue until a post that wakes (or a flush) sends
     everything queued as one list, from the calling thread, so a decode step's events for every
-    running sequence travel together. There is no sender thread: waking one cost each message a
-    GIL hand-over between the threads (in the API process a submit's `Condition.notify` took
-    5.6 ms of wall time on the loaded 2-core machine, and 13% of the engine process's samples
-    were in it at 16 clients), while a pipe write of one list is a single system call."""
+    running sequence travel together. There is no sender thread: waking one would cost each
+    message a GIL hand-over between the threads (docs/PERFORMANCE.md, "The pipe's writes"),
+    while a pipe write of one list is a single system call."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -258,8 +236,8 @@ class _Outbox:
         self._items: list[tuple] = []
 
     def post(self, item: tuple, *, wake: bool = True) -> None:
-        """Queue an item and, unless wake=False, send the queue now (the engine's tokens wait
-        for the end of their step, so a step costs one write, not one per row)."""
+        """Queue an item and, unless wake=False, send the queue now (the engine's events wait
+        for the loop's report, `flush`, so a step costs one write, not one per row)."""
         with self._lock:
             self._items.append(item)
         if wake:
@@ -285,31 +263,43 @@ class _ChildHandle:
         self._on_final = on_final
 
     def push(self, event: Event) -> None:
-        """From the engine thread: sent with the end of the engine's iteration (its `step`
-        report), which follows every push."""
+        """From the loop thread: sent by the flush after the loop's next report, which follows
+        every push."""
         if isinstance(event, (FinishEvent, ErrorEvent)):
             self._on_final(self.key)
         self._outbox.post(("event", self.key, event), wake=False)
 
 
 class _ForwardingObserver(EngineObserver):
-    """Sends every observer call to the API process, where the metrics live. `step` ends each
-    engine iteration: it sends the iteration's events and samples in one message."""
+    """Queues every observer call for the API process, where the metrics live; they travel with
+    the iteration's events, at the loop's report (`on_report` flushes the outbox)."""
 
     def __init__(self, outbox: _Outbox) -> None:
         self._outbox = outbox
 
+    def _forward(self, name: str, *args: Any) -> None:
+        self._outbox.post(("observe", name, args), wake=False)
 
-def _forwarder(name: str) -> Callable[..., None]:
-    def forward(self: _ForwardingObserver, *args: Any) -> None:
-        self._outbox.post(("observe", name, args), wake=name == "step")
+    def queue_time(self, seconds: float) -> None:
+        self._forward("queue_time", seconds)
 
-    forward.__name__ = name
-    return forward
+    def first_token(self, seconds: float) -> None:
+        self._forward("first_token", seconds)
 
+    def inter_token(self, seconds: float) -> None:
+        self._forward("inter_token", seconds)
 
-for _name in OBSERVER_METHODS:
-    setattr(_ForwardingObserver, _name, _forwarder(_name))
+    def encoder_time(self, modality: str, seconds: float) -> None:
+        self._forward("encoder_time", modality, seconds)
+
+    def request_done(self, seconds: float) -> None:
+        self._forward("request_done", seconds)
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        self._forward("tokens", prompt, generated)
+
+    def step(self, running: int, waiting: int, kv_usage: float) -> None:
+        self._forward("step", running, waiting, kv_usage)
 
 
 def _engine_main(spec: EngineSpec, conn: Connection, heartbeat: Any) -> None:
@@ -323,7 +313,7 @@ def _engine_main(spec: EngineSpec, conn: Connection, heartbeat: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     outbox = _Outbox(conn)
     try:
-        engine = _load_engine(spec, _ForwardingObserver(outbox))
+        engine = _load_engine(spec, outbox)
     except Exception as exc:
         log.exception("model failed to load")
         outbox.post(("failed", str(exc)))
@@ -351,7 +341,7 @@ def _engine_main(spec: EngineSpec, conn: Connection, heartbeat: Any) -> None:
 
 
 def _obey(
-    commands: list[tuple], engine: Engine, handles: dict[int, _ChildHandle], outbox: _Outbox
+    commands: list[tuple], engine: EngineLoop, handles: dict[int, _ChildHandle], outbox: _Outbox
 ) -> bool:
     """Apply a burst of commands from the API process; False once told to shut down."""
     for command in commands:
@@ -359,13 +349,7 @@ def _obey(
         if kind == "submit":
             _, key, request = command
             handle = handles[key] = _ChildHandle(key, outbox, lambda k: handles.pop(k, None))
-            try:
-                engine.reserve()
-            except (EngineFull, EngineUnavailable) as exc:
-                handle.push(ErrorEvent(str(exc), 503, "unavailable"))
-                outbox.flush()  # not from an engine iteration: nothing else would send it
-                continue
-            engine.submit(request, handle)  # type: ignore[arg-type]
+            engine.submit(request, handle)
         elif kind == "cancel":
             handle = handles.get(command[1])
             if handle is not None:
@@ -377,7 +361,7 @@ def _obey(
     return True
 
 
-def _load_engine(spec: EngineSpec, observer: EngineObserver) -> Engine:
+def _load_engine(spec: EngineSpec, outbox: _Outbox) -> EngineLoop:
     import torch
 
     from xllm.model.checkpoint import load_model
@@ -390,10 +374,10 @@ def _load_engine(spec: EngineSpec, observer: EngineObserver) -> Engine:
         dtype=spec.dtype,
         quantize=spec.quantize,  # type: ignore[arg-type]
     )
-    return Engine(model, spec.config, observer)
+    return EngineLoop(model, spec.config, _ForwardingObserver(outbox), on_report=outbox.flush)
 
 
-def _stamp_heartbeat(engine: Engine, heartbeat: Any, outbox: _Outbox) -> None:
+def _stamp_heartbeat(engine: EngineLoop, heartbeat: Any, outbox: _Outbox) -> None:
     """Publish the start of the engine's current iteration; report a dead engine once."""
     while True:
         heartbeat.value = time.monotonic() - engine.stalled_for

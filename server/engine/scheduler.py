@@ -1,111 +1,167 @@
-"""Iteration-level scheduling state: which sequence holds which KV slot and what runs next.
+"""Iteration-level scheduling: which sequence holds which KV slot and what runs next.
 
-Pure bookkeeping, no tensors and no threads: the worker asks it, at every iteration, whom to
-admit into free slots, which prefill chunk to run, and which sequences decode together.
+Pure bookkeeping, no tensors and no threads, in the manner of vLLM v1's scheduler: it owns
+every transition of a sequence's scheduling state. Each engine iteration:
+
+    admit()                 waiting sequences get the free slots (their prompts are laid out)
+    plan = schedule()       compactions + this iteration's prefill chunks, in runs of
+                            consecutive slots (one forward each)
+    update(plan, written)   the chunks written advance their sequences; completed prompts
+                            start decoding
+    decode_batch()          the sequences that decode one token now
+    update_decoded(batch)   their new token is in the cache
+    finish(sequence)        wherever it is, when it ends (done, failed or cancelled)
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Generic, TypeVar
 
-T = TypeVar("T")
+from xllm.server.engine.sequence import Phase, Sequence
 
 
-class Phase(Enum):
-    WAITING = "waiting"  # queued, no slot yet
-    PREFILL = "prefill"  # has a slot; prompt being written into it, chunk by chunk
-    DECODE = "decode"  # generating, one token per iteration
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt positions [start, end) of a sequence, written into its slot in one forward."""
 
+    sequence: Sequence
+    start: int
+    end: int
 
-@dataclass
-class Scheduled(Generic[T]):
-    item: T
-    phase: Phase = Phase.WAITING
-    slot: int = -1
-    prompt_len: int = 0
-    prefilled: int = 0  # prompt positions already in the slot
-    length: int = 0  # positions in the slot (prompt + generated)
+    @property
+    def completes_prompt(self) -> bool:
+        return self.end >= self.sequence.prompt_len
 
 
 @dataclass
-class Scheduler(Generic[T]):
+class StepPlan:
+    # (sequence, its old slot): already given its new, lower slot; copy the K/V first
+    moves: list[tuple[Sequence, int]]
+    # prefill chunks in runs of consecutive slots (ascending), one forward per run; a sequence
+    # that scores its prompt runs alone
+    prefill_runs: list[list[PrefillChunk]]
+
+
+@dataclass
+class Scheduler:
     num_slots: int
     prefill_chunk: int
-    waiting: deque[Scheduled[T]] = field(default_factory=deque)
-    running: list[Scheduled[T]] = field(default_factory=list)  # PREFILL and DECODE, by age
+    waiting: deque[Sequence] = field(default_factory=deque)
+    running: list[Sequence] = field(default_factory=list)  # PREFILL and DECODE, by age
     free_slots: list[int] = field(default_factory=list)  # a heap: the lowest free slot first
 
     def __post_init__(self) -> None:
         self.free_slots = list(range(self.num_slots))  # ascending: already a heap
 
-    def add(self, item: T) -> Scheduled[T]:
-        entry = Scheduled(item)
-        self.waiting.append(entry)
-        return entry
+    def add(self, sequence: Sequence) -> Sequence:
+        self.waiting.append(sequence)
+        return sequence
 
-    def admit(self) -> list[Scheduled[T]]:
-        """Move waiting entries into free slots, oldest first."""
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into free slots, oldest first."""
         admitted = []
         while self.waiting and self.free_slots:
-            entry = self.waiting.popleft()
-            entry.slot = heapq.heappop(self.free_slots)
-            entry.phase = Phase.PREFILL
-            self.running.append(entry)
-            admitted.append(entry)
+            sequence = self.waiting.popleft()
+            sequence.slot = heapq.heappop(self.free_slots)
+            sequence.phase = Phase.PREFILL
+            self.running.append(sequence)
+            admitted.append(sequence)
         return admitted
 
-    def next_prefills(self) -> list[tuple[Scheduled[T], int, int]]:
-        """This iteration's prefill chunks as (entry, start, end), oldest entry first.
+    def schedule(self) -> StepPlan:
+        """This iteration's plan: compactions first (the slots the chunks name are the new ones),
+        then the prefill chunks grouped into runs."""
+        moves = self.compact()
+        return StepPlan(moves, consecutive_runs(self.next_prefills()))
+
+    def update(self, plan: StepPlan, written: Iterable[PrefillChunk]) -> list[Sequence]:
+        """Apply the prefill results: the chunks `written` (those of failed runs are not, and
+        their sequences were finished) advance their sequences. Returns the sequences whose
+        prompt is now complete, in order; they decode from now on."""
+        completed = []
+        for chunk in written:
+            sequence = chunk.sequence
+            sequence.prefilled = sequence.length = chunk.end
+            if chunk.completes_prompt:
+                sequence.phase = Phase.DECODE
+                completed.append(sequence)
+        return completed
+
+    def next_prefills(self) -> list[PrefillChunk]:
+        """This iteration's prefill chunks, oldest sequence first.
 
         Chunks are always [k * prefill_chunk, min((k + 1) * prefill_chunk, prompt_len)), so a
         prompt is cut the same way whatever runs beside it (its numerics do not depend on the
         load). Together they hold at most prefill_chunk positions (the first one always goes):
         a burst of short prompts is prefilled in one iteration, a long one a chunk at a time.
         """
-        chunks = []
+        chunks: list[PrefillChunk] = []
         budget = self.prefill_chunk
-        for entry in self.running:
-            if entry.phase is not Phase.PREFILL:
+        for sequence in self.running:
+            if sequence.phase is not Phase.PREFILL:
                 continue
-            end = min(entry.prefilled + self.prefill_chunk, entry.prompt_len)
-            if chunks and end - entry.prefilled > budget:
+            end = min(sequence.prefilled + self.prefill_chunk, sequence.prompt_len)
+            if chunks and end - sequence.prefilled > budget:
                 break
-            chunks.append((entry, entry.prefilled, end))
-            budget -= end - entry.prefilled
+            chunks.append(PrefillChunk(sequence, sequence.prefilled, end))
+            budget -= end - sequence.prefilled
         return chunks
 
-    def compact(self) -> list[tuple[Scheduled[T], int]]:
-        """Move entries out of slots >= len(running) into free lower ones, so the running entries
-        hold slots 0..len(running)-1 and a decode batch over a slot prefix wastes no rows.
-
-        Returns (entry, its old slot) per move; the caller copies the slot's contents.
+    def compact(self) -> list[tuple[Sequence, int]]:
+        """Move sequences out of slots >= len(running) into free lower ones, so the running
+        sequences hold slots 0..len(running)-1 and a decode batch over a slot prefix wastes no
+        rows. Returns (sequence, its old slot) per move; the caller copies the slot's contents.
         """
         moves = []
         count = len(self.running)
-        for entry in sorted(self.running, key=lambda e: e.slot, reverse=True):
-            if entry.slot < count:
+        for sequence in sorted(self.running, key=lambda s: s.slot, reverse=True):
+            if sequence.slot < count:
                 break
-            old_slot, entry.slot = entry.slot, heapq.heappop(self.free_slots)
+            old_slot, sequence.slot = sequence.slot, heapq.heappop(self.free_slots)
             heapq.heappush(self.free_slots, old_slot)
-            moves.append((entry, old_slot))
+            moves.append((sequence, old_slot))
         return moves
 
-    def decoding(self) -> list[Scheduled[T]]:
-        return [e for e in self.running if e.phase is Phase.DECODE]
+    def decode_batch(self) -> list[Sequence]:
+        """The sequences that decode one token this iteration: every one generating."""
+        return [s for s in self.running if s.phase is Phase.DECODE and s.next_token is not None]
 
-    def finish(self, entry: Scheduled[T]) -> None:
-        """Release an entry wherever it is; its slot is free for the next iteration."""
-        if entry in self.running:
-            self.running.remove(entry)
-            heapq.heappush(self.free_slots, entry.slot)
-        elif entry in self.waiting:
-            self.waiting.remove(entry)
-        entry.slot = -1
+    def update_decoded(self, batch: Iterable[Sequence]) -> None:
+        """The decode step wrote each sequence's pending token into its slot."""
+        for sequence in batch:
+            sequence.length += 1
+
+    def finish(self, sequence: Sequence) -> None:
+        """Release a sequence wherever it is; its slot is free for the next iteration."""
+        if sequence in self.running:
+            self.running.remove(sequence)
+            heapq.heappush(self.free_slots, sequence.slot)
+        elif sequence in self.waiting:
+            self.waiting.remove(sequence)
+        sequence.slot = -1
 
     @property
     def used_positions(self) -> int:
-        return sum(e.length for e in self.running)
+        return sum(s.length for s in self.running)
+
+
+def consecutive_runs(chunks: list[PrefillChunk]) -> list[list[PrefillChunk]]:
+    """Split chunks into runs whose slots follow each other (one prefill forward per run); a
+    sequence that scores its prompt (logits at every position) runs alone."""
+    runs: list[list[PrefillChunk]] = []
+    for chunk in sorted(chunks, key=lambda c: c.sequence.slot):
+        previous = runs[-1][-1].sequence if runs else None
+        current = chunk.sequence
+        if (
+            previous is not None
+            and previous.slot + 1 == current.slot
+            and not previous.scores_prompt
+            and not current.scores_prompt
+        ):
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return runs

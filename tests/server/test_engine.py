@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from tests.server.faults import inject_faults
 from xllm.model.checkpoint import load_model
 from xllm.model.generate import generate, prefill_rows
 from xllm.model.kv_cache import kv_bytes_per_position
 from xllm.model.prompt import bind_media
 from xllm.model.sampling import SamplingParams
-from xllm.server.engine import worker
+from xllm.server.engine import config as engine_config
+from xllm.server.engine import runner as engine_runner
+from xllm.server.engine.admission import EngineFull
+from xllm.server.engine.config import EngineConfig, slots_for_memory
+from xllm.server.engine.contract import EngineObserver
 from xllm.server.engine.encoder_cache import EncoderCache
 from xllm.server.engine.events import EngineRequest, ErrorEvent, FinishEvent, RequestHandle
-from xllm.server.engine.scheduler import Phase, Scheduler
-from xllm.server.engine.worker import Engine, EngineConfig, EngineFull, slots_for_memory
+from xllm.server.engine.scheduler import PrefillChunk, Scheduler
+from xllm.server.engine.sequence import Phase, Sequence
+from xllm.server.engine.worker import Engine
 
 
 @pytest.fixture(scope="module")
@@ -24,46 +31,84 @@ def model(tiny_model_dir):
     return load_model(tiny_model_dir, device="cpu")
 
 
+def sequences(*names: str) -> list[Sequence]:
+    """Bare sequences for the scheduler, which reads only their scheduling state."""
+    return [Sequence(SimpleNamespace(request_id=name), None) for name in names]  # type: ignore[arg-type]
+
+
+def names(sequences: list[Sequence]) -> list[str]:
+    return [s.request.request_id for s in sequences]
+
+
 def test_scheduler_admits_oldest_first_and_reuses_slots():
-    scheduler: Scheduler[str] = Scheduler(num_slots=2, prefill_chunk=4)
-    entries = [scheduler.add(name) for name in "abc"]
+    scheduler = Scheduler(num_slots=2, prefill_chunk=4)
+    entries = [scheduler.add(s) for s in sequences("a", "b", "c")]
     admitted = scheduler.admit()
-    assert [e.item for e in admitted] == ["a", "b"] and [e.slot for e in admitted] == [0, 1]
+    assert names(admitted) == ["a", "b"] and [e.slot for e in admitted] == [0, 1]
     assert entries[2].phase is Phase.WAITING
     entries[0].prompt_len = entries[1].prompt_len = 10
-    assert scheduler.next_prefills() == [(entries[0], 0, 4)]
+    assert scheduler.next_prefills() == [PrefillChunk(entries[0], 0, 4)]
     entries[0].prefilled = 8
-    assert scheduler.next_prefills() == [(entries[0], 8, 10)]
+    assert scheduler.next_prefills() == [PrefillChunk(entries[0], 8, 10)]
     scheduler.finish(entries[0])
-    assert [e.item for e in scheduler.admit()] == ["c"] and entries[2].slot == 0
+    assert names(scheduler.admit()) == ["c"] and entries[2].slot == 0
 
 
 def test_prefill_chunks_share_one_budget_per_iteration_and_keep_their_boundaries():
-    scheduler: Scheduler[str] = Scheduler(num_slots=4, prefill_chunk=8)
-    a, b, c, d = (scheduler.add(name) for name in "abcd")
+    scheduler = Scheduler(num_slots=4, prefill_chunk=8)
+    a, b, c, d = (scheduler.add(s) for s in sequences(*"abcd"))
     scheduler.admit()
     a.prompt_len, b.prompt_len, c.prompt_len, d.prompt_len = 3, 4, 20, 1
     # Short prompts go together; c's chunk (8) no longer fits the 1 position left, and d,
     # younger, waits behind it (oldest first).
-    assert scheduler.next_prefills() == [(a, 0, 3), (b, 0, 4)]
+    assert scheduler.next_prefills() == [PrefillChunk(a, 0, 3), PrefillChunk(b, 0, 4)]
     a.phase = b.phase = Phase.DECODE
     # Alone, a long prompt is cut at multiples of prefill_chunk, one chunk per iteration.
-    assert scheduler.next_prefills() == [(c, 0, 8)]
+    assert scheduler.next_prefills() == [PrefillChunk(c, 0, 8)]
     c.prefilled = 16
-    assert scheduler.next_prefills() == [(c, 16, 20), (d, 0, 1)]
+    assert scheduler.next_prefills() == [PrefillChunk(c, 16, 20), PrefillChunk(d, 0, 1)]
 
 
 def test_scheduler_compacts_running_entries_into_the_lowest_slots():
-    scheduler: Scheduler[str] = Scheduler(num_slots=4, prefill_chunk=4)
-    a, b, c, d = (scheduler.add(name) for name in "abcd")
+    scheduler = Scheduler(num_slots=4, prefill_chunk=4)
+    a, b, c, d = (scheduler.add(s) for s in sequences(*"abcd"))
     scheduler.admit()
     scheduler.finish(a)
     scheduler.finish(c)
     assert scheduler.compact() == [(d, 3)]  # d moves from slot 3 to slot 0; b stays in 1
     assert (b.slot, d.slot) == (1, 0) and scheduler.compact() == []
-    e = scheduler.add("e")
+    (e,) = sequences("e")
+    scheduler.add(e)
     scheduler.admit()
     assert e.slot == 2  # the lowest free slot, not the latest freed
+
+
+def test_the_plan_groups_consecutive_slots_and_update_applies_the_written_chunks():
+    scheduler = Scheduler(num_slots=4, prefill_chunk=8)
+    a, b, c, d = (scheduler.add(s) for s in sequences(*"abcd"))
+    scheduler.admit()
+    a.prompt_len, b.prompt_len, c.prompt_len, d.prompt_len = 2, 2, 2, 12
+    c.prompt_ids = [1, 2]  # c scores its prompt: it runs alone
+    plan = scheduler.schedule()
+    assert plan.moves == []
+    assert [[chunk.sequence for chunk in run] for run in plan.prefill_runs] == [[a, b], [c]]
+    # b's run failed (its sequences finished); a's and c's chunks were written.
+    written = [plan.prefill_runs[0][0], plan.prefill_runs[1][0]]
+    scheduler.finish(b)
+    assert scheduler.update(plan, written) == [a, c]
+    assert (a.phase, a.prefilled, a.length) == (Phase.DECODE, 2, 2)
+    assert scheduler.decode_batch() == []  # nothing sampled for them yet
+    a.next_token = c.next_token = 7
+    # Next iteration: d (slot 3) moves into b's slot 1 first; its chunk names the new slot.
+    plan = scheduler.schedule()
+    assert plan.moves == [(d, 3)] and d.slot == 1
+    assert plan.prefill_runs == [[PrefillChunk(d, 0, 8)]]
+    assert scheduler.update(plan, plan.prefill_runs[0]) == []
+    assert (d.phase, d.prefilled, d.length) == (Phase.PREFILL, 8, 8)
+    batch = scheduler.decode_batch()
+    assert batch == [a, c]
+    scheduler.update_decoded(batch)
+    assert (a.length, c.length, scheduler.used_positions) == (3, 3, 14)
 
 
 GiB = 2**30
@@ -81,8 +126,8 @@ def test_kv_slots_fit_the_share_of_gpu_memory():
 def test_gpu_memory_utilization_leaves_the_cpu_engine_alone(model, caplog):
     with caplog.at_level("INFO", logger="xllm.engine"):
         engine = Engine(model, EngineConfig(max_batch=3, gpu_memory_utilization=0.5))
-    assert engine.config.max_batch == 3 and engine.cache.num_slots == 3
-    assert engine.cache.bytes == 3 * engine.max_model_len * kv_bytes_per_position(model.llm)
+    assert engine.config.max_batch == 3 and engine.runner.cache.num_slots == 3
+    assert engine.runner.cache.bytes == 3 * engine.max_model_len * kv_bytes_per_position(model.llm)
     assert "does not apply on the CPU" in caplog.text
 
 
@@ -91,19 +136,21 @@ def test_kv_slots_fit_the_kv_memory_budget(model):
     engine = Engine(
         model, EngineConfig(max_batch=8, max_model_len=64, kv_cache_memory_bytes=3 * slot)
     )
-    assert engine.config.max_batch == engine.cache.num_slots == 3  # whole slots in the budget
-    assert engine.cache.bytes == 3 * slot
+    assert (
+        engine.config.max_batch == engine.runner.cache.num_slots == 3
+    )  # whole slots in the budget
+    assert engine.runner.cache.bytes == 3 * slot
     with pytest.raises(ValueError, match="less than one slot"):
         Engine(model, EngineConfig(max_model_len=64, kv_cache_memory_bytes=slot - 1))
 
 
 def test_the_cpu_default_kv_budget_is_a_share_of_available_memory(model, monkeypatch, caplog):
     slot = 64 * kv_bytes_per_position(model.llm)
-    available = int(5 * slot / worker.CPU_KV_SHARE)  # room for 5 slots in the default share
-    monkeypatch.setattr(worker, "available_memory_bytes", lambda: available)
+    available = int(5 * slot / engine_config.CPU_KV_SHARE)  # room for 5 slots in the default share
+    monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: available)
     with caplog.at_level("INFO", logger="xllm.engine"):
         engine = Engine(model, EngineConfig(max_batch=32, max_model_len=64))
-    assert engine.config.max_batch == engine.cache.num_slots == 5
+    assert engine.config.max_batch == engine.runner.cache.num_slots == 5
     assert "KV cache sized from memory" in caplog.text
     roomy = Engine(model, EngineConfig(max_batch=4, max_model_len=64))
     assert roomy.config.max_batch == 4  # never more than max_batch
@@ -162,7 +209,7 @@ def test_engine_matches_single_request_generate(model, monkeypatch, prefill_chun
         rows_per_prefill.append(len(chunks))
         return prefill_rows(llm, cache, first_slot, chunks)
 
-    monkeypatch.setattr(worker, "prefill_rows", counting)
+    monkeypatch.setattr(engine_runner, "prefill_rows", counting)
     results = asyncio.run(run_requests(engine, prompts, params, start=True))
     engine.shutdown()
     assert max(rows_per_prefill) == prefill_batch
@@ -181,7 +228,7 @@ def test_first_tokens_are_reported_before_the_decode_step(model):
     token does not wait for the running requests' decode forward)."""
     log: list[str] = []
 
-    class Recording(worker.EngineObserver):
+    class Recording(EngineObserver):
         def first_token(self, seconds: float) -> None:
             log.append("first token")
 
@@ -189,7 +236,7 @@ def test_first_tokens_are_reported_before_the_decode_step(model):
             log.append("report")
 
     engine = Engine(model, EngineConfig(max_batch=2, max_queue=2), Recording())
-    engine.fault_injector = log.append  # called with "prefill" / "decode" before each forward
+    inject_faults(engine, log.append)  # called with "prefill" / "decode" before each forward
     engine.start()
     try:
         params = SamplingParams(max_tokens=4, ignore_eos=True)
@@ -221,7 +268,7 @@ def test_queue_bound_and_fault_isolation(model):
                 if calls["decode"] == 2:
                     raise RuntimeError("injected fault")
 
-        engine.fault_injector = fail_second_decode
+        inject_faults(engine, fail_second_decode)
         params = SamplingParams(max_tokens=6, ignore_eos=True)
         first = asyncio.run(run_requests(engine, ["a", "b"], params))
         failed = [r for r in first if isinstance(r, ErrorEvent)]
@@ -291,7 +338,9 @@ def test_media_of_requests_admitted_together_is_encoded_in_one_batch(model):
         engine.shutdown()
     assert all(isinstance(r, FinishEvent) for r in results)
     assert calls == [4]  # four slots admitted together: one vision call for four images
-    assert engine.encoder_cache.hits == 1  # the fifth request reused the first one's encoding
+    assert (
+        engine.runner.encoder_cache.hits == 1
+    )  # the fifth request reused the first one's encoding
 
 
 async def run_each(engine: Engine, prompts: list[str], max_tokens: list[int]) -> list[list[int]]:
@@ -336,7 +385,7 @@ def test_compiled_engine_decodes_the_same_tokens(model, tiny_model_dir, backend:
     engine = Engine(compiled_model, config)
     shapes: list[tuple[int, int]] = []
     moves: list = []
-    shape_for, compact = engine.decoder.shape_for, engine.scheduler.compact
+    shape_for, compact = engine.runner.decoder.shape_for, engine.scheduler.compact
 
     def recording_shape_for(*args) -> tuple[int, int]:
         shapes.append(shape_for(*args))
@@ -347,7 +396,7 @@ def test_compiled_engine_decodes_the_same_tokens(model, tiny_model_dir, backend:
         moves.extend(done)
         return done
 
-    engine.decoder.shape_for = recording_shape_for  # type: ignore[method-assign]
+    engine.runner.decoder.shape_for = recording_shape_for  # type: ignore[method-assign]
     engine.scheduler.compact = recording_compact  # type: ignore[method-assign]
     compiled = run(engine)
     assert compiled == plain

@@ -33,6 +33,7 @@ import pytest
 import uvicorn
 
 from tests.media import make_mp4, make_png, make_wav
+from tests.server.faults import inject_faults
 from tests.servers import free_port, read_metric, wait_until
 from xllm.server.app import DrainingServer, create_app
 from xllm.server.settings import Settings
@@ -90,7 +91,7 @@ class InProcessServer:
 
     def __exit__(self, *exc) -> None:
         if self.engine is not None:
-            self.engine.fault_injector = None
+            inject_faults(self.engine, None)
         self.server.should_exit = True
         self.thread.join(30)
 
@@ -805,7 +806,7 @@ def test_an_engine_fault_fails_only_its_step_and_the_server_goes_on(busy, tiny_m
             running = asyncio.create_task(stream(client, data=long_stream(150, prompt="bystander")))
             while not decoding(engine):  # past its own prefill
                 await asyncio.sleep(0.005)
-            engine.fault_injector = Once("prefill")
+            inject_faults(engine, Once("prefill"))
             r = await client.post(
                 "/chat", data={"prompt": "victim", "max_tokens": "4"}, headers=headers
             )
@@ -820,14 +821,14 @@ def test_an_engine_fault_fails_only_its_step_and_the_server_goes_on(busy, tiny_m
             while engine.num_running < 1:
                 await asyncio.sleep(0.005)
             await asyncio.sleep(0.1)
-            engine.fault_injector = injector
+            inject_faults(engine, injector)
             status, _, events = await task
             assert status == 200 and events[-1] == "[DONE]"
             error = json.loads(events[-2])["error"]
             assert error["code"] == 500 and "decode step failed" in error["message"]
 
             # An encoder fault: the media request fails with a clear 500; a text one is fine.
-            engine.fault_injector = Once("encode")
+            inject_faults(engine, Once("encode"))
             files = [("image", ("a.png", make_png(), "image/png"))]
             r = await client.post(
                 "/chat", data={"prompt": "<image>", "max_tokens": "2"}, files=files
@@ -889,7 +890,7 @@ def test_a_dead_worker_turns_ready_503_and_the_process_exits_3(tiny_model):
                 task = asyncio.create_task(stream(client, data=long_stream(200)))
                 while server.engine.num_running < 1:
                     await asyncio.sleep(0.005)
-                server.engine.fault_injector = Once("decode", WorkerKilled())
+                inject_faults(server.engine, Once("decode", WorkerKilled()))
                 return await task
 
         status, _, events = asyncio.run(main())
@@ -918,7 +919,7 @@ def test_a_wedged_worker_is_detected_its_requests_told_and_the_process_exits_3(t
                     task = asyncio.create_task(stream(client, data=long_stream(200)))
                     while server.engine.num_running < 1:
                         await asyncio.sleep(0.005)
-                    server.engine.fault_injector = hang
+                    inject_faults(server.engine, hang)
                     await asyncio.to_thread(
                         wait_until, lambda: server.engine.wedged, what="the worker to be wedged"
                     )

@@ -1,0 +1,282 @@
+"""The model runner: what one engine iteration does with tensors, over `Sequence`s.
+
+Media encoding (batched per encoder, through the content-hash cache), prompt layout and
+embedding, the prefill forwards (one per run of consecutive slots), the decode step over the
+slot prefix, and sampling with its per-request failures. It decides nothing about scheduling
+and ends no request itself: it returns each sequence's event, and the engine loop delivers them
+and tells the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from xllm.model.detokenize import IncrementalDetokenizer, SequenceState, TokenBytes, eos_token_ids
+from xllm.model.generate import CompileOptions, SlotDecoder, prefill_rows
+from xllm.model.kv_cache import SlotKVCache
+from xllm.model.prompt import PromptLayout
+from xllm.model.sampling import Sampled, SampledLogprobs, make_generator, prompt_logprobs, sample
+from xllm.model.xllm import XLLM, EncodedMedia
+from xllm.server.engine.config import EngineConfig
+from xllm.server.engine.contract import EngineObserver
+from xllm.server.engine.encoder_cache import EncoderCache
+from xllm.server.engine.events import (
+    EngineRequest,
+    ErrorEvent,
+    FinishEvent,
+    TokenEvent,
+    TokenLogprobs,
+    Usage,
+)
+from xllm.server.engine.scheduler import PrefillChunk
+from xllm.server.engine.sequence import Sequence
+
+log = logging.getLogger("xllm.engine")
+
+
+@dataclass
+class Failure:
+    """Sequences that fail together, with the reason (logged once for all of them)."""
+
+    sequences: list[Sequence]
+    message: str
+    status: int = 500
+
+    @property
+    def event(self) -> ErrorEvent:
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return ErrorEvent(self.message, self.status, kind)
+
+
+@dataclass
+class SampleOutcome:
+    """One sampling of a batch: the failures, then per sequence sampled its event in batch order
+    (a FinishEvent for those that ended, a TokenEvent for those that go on)."""
+
+    failures: list[Failure] = field(default_factory=list)
+    events: list[tuple[Sequence, TokenEvent | FinishEvent]] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(
+        self, model: XLLM, config: EngineConfig, max_model_len: int, observer: EngineObserver
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.max_model_len = max_model_len
+        self.observer = observer
+        self.cache = SlotKVCache.for_model(model.llm, config.max_batch, max_model_len, model.device)
+        self.decoder = SlotDecoder(model.llm, self.cache, self._compile_options(config))
+        self.encoder_cache = EncoderCache(config.encoder_cache_mb * 2**20)
+        self.eos = eos_token_ids(model.llm, model.tokenizer)
+        self.token_bytes = TokenBytes(model.tokenizer)  # for logprobs
+
+    def _compile_options(self, config: EngineConfig) -> CompileOptions | None:
+        device = self.model.device
+        if not (device.type == "cuda" if config.compile is None else config.compile):
+            return None
+        return replace(CompileOptions.for_device(device), backend=config.compile_backend)
+
+    # --- prompts ---
+    @torch.inference_mode()
+    def encode(self, requests: list[EngineRequest]) -> list[list[EncodedMedia]]:
+        """Encode every media item of the admitted requests, batched, through the cache."""
+        items = [item for request in requests for item in request.media]
+        results: dict[str, EncodedMedia] = {}
+        todo = []
+        for item in items:
+            cached = self.encoder_cache.get(item.digest)
+            if cached is not None:
+                results[item.digest] = cached
+            elif item.digest not in {t.digest for t in todo}:
+                todo.append(item)
+        if todo:
+            start = time.monotonic()
+            for item, encoded in zip(todo, self.model.encode(todo), strict=True):
+                results[item.digest] = encoded
+                self.encoder_cache.put(item.digest, encoded)
+            elapsed = time.monotonic() - start
+            for kind in {item.kind for item in todo}:
+                self.observer.encoder_time(kind, elapsed)
+        return [[results[item.digest] for item in request.media] for request in requests]
+
+    @torch.inference_mode()
+    def lay_out(self, sequence: Sequence, media: list[EncodedMedia]) -> ErrorEvent | None:
+        """Tokenize or lay out the prompt, embed it and set up the sequence's generation state;
+        the error to end it with when the prompt is empty or leaves no room in the context."""
+        request = sequence.request
+        if request.prompt is not None:
+            ids = self.model.tokenizer(request.prompt)["input_ids"]
+            layout = PromptLayout(token_ids=list(ids))
+        else:
+            layout = self.model.layout(request.messages, media)
+        prompt_len = len(layout)
+        params = request.params
+        room = self.max_model_len - prompt_len
+        if prompt_len == 0:
+            return ErrorEvent("the prompt is empty", 400, "invalid_request_error")
+        if not request.max_tokens_given:
+            params.max_tokens = min(self.config.default_max_tokens, room)
+        if room < 1 or params.max_tokens > room:
+            return ErrorEvent(
+                f"the prompt has {prompt_len} tokens and max_tokens is {params.max_tokens}: "
+                f"together {prompt_len + params.max_tokens}, more than the model's context of "
+                f"{self.max_model_len} tokens",
+                400,
+                "invalid_request_error",
+            )
+        params.min_tokens = min(params.min_tokens, params.max_tokens)
+        sequence.embeds = self.model.embed(layout, media)
+        sequence.state = SequenceState(
+            params,
+            self.eos,
+            IncrementalDetokenizer(self.model.tokenizer),
+            strip_leading_newline=request.prompt is None,
+        )
+        sequence.generator = make_generator(request.params.seed)
+        if request.prompt_logprobs is not None:
+            sequence.prompt_ids = layout.token_ids
+            first = TokenLogprobs(self.token_bytes(layout.token_ids[0]), None, ())
+            sequence.prompt_entries = [first]
+        sequence.prompt_len = prompt_len
+        self.observer.tokens(prompt_len, 0)
+        return None
+
+    def move(self, sequence: Sequence, old_slot: int) -> None:
+        """Compaction: the sequence's K/V follow it to its new slot."""
+        self.cache.move(old_slot, sequence.slot, sequence.length)
+
+    # --- forwards ---
+    def prefill(self, run: list[PrefillChunk]) -> torch.Tensor:
+        """One forward for a run of chunks of consecutive slots; each row's logits after its
+        chunk, (len(run), V). A sequence scoring its prompt (alone in its run) gets its prompt
+        tokens' logprobs recorded too."""
+        pieces = []
+        for chunk in run:
+            assert chunk.sequence.embeds is not None
+            pieces.append((chunk.sequence.embeds[chunk.start : chunk.end], chunk.start))
+        first_slot = run[0].sequence.slot
+        if run[0].sequence.scores_prompt:
+            every = prefill_rows(self.model.llm, self.cache, first_slot, pieces, True)
+            return self._score_prompt(run[0], every[0])
+        return prefill_rows(self.model.llm, self.cache, first_slot, pieces)
+
+    def _score_prompt(self, chunk: PrefillChunk, logits: torch.Tensor) -> torch.Tensor:
+        """Logprobs of the prompt tokens that the chunk [start, end) predicts (those at start +
+        1 .. end, within the prompt), from its logits (end - start, V); returns the last
+        position's logits (1, V) to sample from."""
+        sequence = chunk.sequence
+        k = sequence.request.prompt_logprobs
+        assert sequence.prompt_ids is not None and k is not None
+        targets = sequence.prompt_ids[chunk.start + 1 : min(chunk.end + 1, sequence.prompt_len)]
+        for token, scored in zip(targets, prompt_logprobs(logits, targets, k), strict=True):
+            sequence.prompt_entries.append(self._token_logprobs(token, scored))
+        return logits[-1:]
+
+    def decode(self, batch: list[Sequence]) -> torch.Tensor:
+        """One decode step: each sequence's pending token written at its length; logits (B, V)."""
+        return self.decoder(
+            [s.slot for s in batch],
+            [s.next_token for s in batch],  # type: ignore[misc]
+            [s.length for s in batch],
+        )
+
+    # --- sampling ---
+    def sample(self, batch: list[Sequence], logits: torch.Tensor) -> SampleOutcome:
+        """One token per row of logits (B, V): the event for each sequence, in batch order."""
+        outcome = SampleOutcome()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        bad = [s for s, ok in zip(batch, finite, strict=True) if not ok]
+        if bad:
+            outcome.failures.append(Failure(bad, "the model produced NaN or infinite logits"))
+            keep = [i for i, ok in enumerate(finite) if ok]
+            batch = [batch[i] for i in keep]
+            logits = logits[keep]
+            if not batch:
+                return outcome
+        batch, sampled = self._sample_rows(batch, logits, outcome.failures)
+        now = time.monotonic()
+        for sequence, token, asked in zip(batch, sampled.tokens, sampled.logprobs, strict=True):
+            logprobs = None if asked is None else self._token_logprobs(token, asked)
+            state = sequence.state
+            assert state is not None
+            text = state.append(token)
+            if len(state.tokens) == 1:
+                self.observer.first_token(now - sequence.request.arrival)
+            else:
+                self.observer.inter_token(now - sequence.last_token_at)
+            sequence.last_token_at = now
+            if state.finish_reason is None and sequence.length >= self.max_model_len:
+                state.finish_reason = "length"  # the slot is full (never exceeds the context)
+            if state.finish_reason is None:
+                sequence.next_token = token
+                outcome.events.append((sequence, TokenEvent(text, token, logprobs)))
+                continue
+            usage = Usage(sequence.prompt_len, len(state.tokens))
+            self.observer.tokens(0, len(state.tokens))
+            self.observer.request_done(now - sequence.request.arrival)
+            event = FinishEvent(state.finish_reason, text, usage, logprobs)
+            outcome.events.append((sequence, event))
+        return outcome
+
+    def _token_logprobs(self, token: int, sampled: SampledLogprobs) -> TokenLogprobs:
+        """Token ids -> their bytes (memoised per token id), for the event."""
+        to_bytes = self.token_bytes
+        top = tuple(
+            (to_bytes(i), lp) for i, lp in zip(sampled.top_ids, sampled.top_logprobs, strict=True)
+        )
+        return TokenLogprobs(to_bytes(token), sampled.logprob, top)
+
+    def _sample_rows(
+        self, batch: list[Sequence], logits: torch.Tensor, failures: list[Failure]
+    ) -> tuple[list[Sequence], Sampled]:
+        """`sample` over the batch; if it fails, row by row, failing only the rows that fail.
+
+        Finite logits can still give non-finite probabilities under a request's own parameters
+        (a temperature of 1e-300, a repetition_penalty of 1e-300): that is the request's fault,
+        and it must cost neither the worker nor the other rows their step. (Sampled rows of the
+        failing step then draw from generators the failed batch call may have advanced; greedy
+        rows are unaffected.)
+        """
+        eos = sorted(self.eos)
+
+        def sample_rows(sequences: list[Sequence], rows: torch.Tensor) -> Sampled:
+            states = [s.state for s in sequences]
+            return sample(
+                rows,
+                [s.params for s in states],  # type: ignore[union-attr]
+                [s.tokens for s in states],  # type: ignore[union-attr]
+                [s.generator for s in sequences],
+                eos,
+            )
+
+        try:
+            return batch, sample_rows(batch, logits)
+        except Exception:
+            if len(batch) == 1:
+                failures.append(Failure(batch, _sampling_error(batch[0]), 400))
+                return [], Sampled([], [])
+        kept, sampled = [], Sampled([], [])
+        for i, sequence in enumerate(batch):
+            try:
+                one = sample_rows([sequence], logits[i : i + 1])
+                sampled.tokens += one.tokens
+                sampled.logprobs += one.logprobs
+                kept.append(sequence)
+            except Exception:
+                failures.append(Failure([sequence], _sampling_error(sequence), 400))
+        return kept, sampled
+
+
+def _sampling_error(sequence: Sequence) -> str:
+    p = sequence.request.params
+    return (
+        "sampling failed: this request's parameters (temperature "
+        f"{p.temperature:g}, top_p {p.top_p:g}, top_k {p.top_k}, repetition_penalty "
+        f"{p.repetition_penalty:g}, presence_penalty {p.presence_penalty:g}, "
+        f"frequency_penalty {p.frequency_penalty:g}) give no valid probabilities"
+    )

@@ -1,0 +1,56 @@
+"""`Sequence`: one request inside the engine, from its arrival to its last event.
+
+The API side's `EngineRequest` (what to generate) and `RequestHandle` (where its events go)
+travel with it; the scheduler owns its scheduling state (phase, slot, positions) and the model
+runner its generation state (prompt embeddings, sampler, tokens so far). Torch-free at import
+time, so that the scheduler that moves sequences about stays pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from xllm.model.detokenize import SequenceState
+    from xllm.server.engine.contract import EventSink
+    from xllm.server.engine.events import EngineRequest, TokenLogprobs
+
+
+class Phase(Enum):
+    WAITING = "waiting"  # queued, no slot yet
+    PREFILL = "prefill"  # has a slot; prompt being written into it, chunk by chunk
+    DECODE = "decode"  # generating, one token per iteration
+
+
+@dataclass(eq=False)  # identity: a sequence is itself, whatever its fields say
+class Sequence:
+    request: EngineRequest
+    handle: EventSink
+    key: int = -1  # the admission's key for the handle (see AdmissionControl.track)
+
+    # --- scheduling state: changed by the Scheduler only ---
+    phase: Phase = Phase.WAITING
+    slot: int = -1
+    prompt_len: int = 0  # set once the prompt is laid out
+    prefilled: int = 0  # prompt positions already in the slot
+    length: int = 0  # positions in the slot (prompt + generated)
+
+    # --- generation state: the ModelRunner's ---
+    state: SequenceState | None = None
+    embeds: torch.Tensor | None = None  # (L, H) prompt embeddings until prefill is done
+    generator: torch.Generator | None = None
+    next_token: int | None = None  # sampled, not yet written into the cache
+    last_token_at: float = 0.0
+    # request.prompt_logprobs only: the prompt's ids and its tokens' logprobs so far
+    prompt_ids: list[int] | None = None
+    prompt_entries: list[TokenLogprobs] = field(default_factory=list)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prompt's own logprobs are asked for: its prefill keeps every position's logits,
+        so it runs alone in its prefill forward."""
+        return self.prompt_ids is not None
