@@ -84,8 +84,8 @@ class LoopMailbox:
     """Delivers events from the engine thread to one event loop, one wake-up per burst.
 
     A decode step produces one event per running sequence; waking the loop once per event
-    (call_soon_threadsafe each) costs a third of the engine thread at 16 streams. Events posted
-    while a delivery is pending join it instead.
+    (call_soon_threadsafe each) would cost the engine thread dearly (docs/PERFORMANCE.md).
+    Events posted while a delivery is pending join it instead.
     """
 
     _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox]] = (
