@@ -25,6 +25,10 @@ finished phase is skipped when the command is run again, so an interrupted build
 
 `--install` copies DIR/model into the package (model/demo/), where `xllm serve` and
 `xllm generate` find it when no --model is given. `--scale small` is the reduced size the tests use.
+
+This module holds the sizes (`Scale`), the order of the phases and the command line; the phases
+themselves are in `components.py` (pre-training), `data.py`, `model_dirs.py` (base, merge,
+export) and `xllm train`; `phases.py` runs them and records their figures.
 """
 
 from __future__ import annotations
@@ -34,14 +38,16 @@ import json
 import logging
 import os
 import random
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from xllm.model.recipes.components import ComponentPhases
+from xllm.model.recipes.model_dirs import assemble_base, export_model, install, merge_chains
+from xllm.model.recipes.phases import Phase, PhaseRecords, last_metrics, run_parallel, xllm
 
 log = logging.getLogger("xllm.recipe")
 
@@ -71,8 +77,8 @@ class Scale:
     vision_steps: int = 700
     vision_batch: int = 48
     # continuations: (steps, lr) per round, each on a fresh pool (phases vision-tune, -tune2, ...).
-    # Shape on 600 fresh images after each round: 44% (vision), 81%, 89%, 94%, 98%; two rounds
-    # (the previous build, 8,000-image pools) gave image answers of 91%.
+    # The tower's shape reading limits image answers, and each round on fresh images raises it
+    # (figures per round: DEMO_MODEL.md, "Phases").
     vision_tune: tuple[tuple[int, float], ...] = (
         (2500, 2e-3),
         (2500, 1e-3),
@@ -86,8 +92,8 @@ class Scale:
     speech_clips: int = 4000
     speech_steps: int = 2000
     speech_batch: int = 16
-    # 0: every CTC step is in the encoder's own phase (a continuation restarts the CTC head;
-    # with the narrow encoder it read CTC WER 31.7% after 300 steps, against 17.7% before)
+    # 0: every CTC step is in the encoder's own phase: a continuation restarts the CTC head,
+    # which costs more than its steps gain (DEMO_MODEL.md, "Lessons")
     speech_tune_steps: int = 0
     # interfaces
     qformer_hidden: int = 64
@@ -105,12 +111,11 @@ class Scale:
             "stage1-speech": (600, 16, 1e-3),
             "stage2-image": (1200, 16, 1e-3),
             "stage2-video": (1500, 8, 1e-3),
-            # 1,000 steps left the speech interface undertrained (held-out ASR WER 13.0%; 2,000:
-            # 5.8%, spoken question 73% -> 93% with stage 3 at 400 steps instead of 200)
+            # Long: a shorter run leaves the speech interface undertrained although its training
+            # loss looks low (DEMO_MODEL.md, "Lessons")
             "stage2-speech": (2000, 16, 1e-3),
-            # 400 steps: spoken question 80% (the colour question answered with the shape);
-            # 800: 93%; 1,200: 87%, image colour + shape 95.7% / 98.6% on two held-out sets
-            # (400: 94.2% / 96.4%); chosen on those sets, confirmed on a third (DEMO_MODEL.md)
+            # Chosen on two held-out sets, confirmed on a third (DEMO_MODEL.md, "How stage 3's
+            # length was chosen")
             "stage3": (1200, 8, 3e-4),
         }
     )
@@ -139,7 +144,7 @@ SMALL = Scale(
         "stage3": (20, 4, 3e-4),
     },
 )
-# Plumbing only (seconds of training per phase): checks that every phase runs.
+# Plumbing only (a few steps per phase): checks that every phase runs.
 SMOKE = Scale(
     lm_steps=2,
     lm_pool=64,
@@ -156,8 +161,20 @@ SMOKE = Scale(
 )
 SCALES = {"full": Scale(), "small": SMALL, "smoke": SMOKE}
 
+# The recipe's `xllm train` runs: name -> (--stage, --modality).
+STAGE_RUNS = {
+    "stage1-image": ("1", "image"),
+    "stage1-speech": ("1", "speech"),
+    "stage2-image": ("2", "image"),
+    "stage2-video": ("2", "video"),
+    "stage2-speech": ("2", "speech"),
+    "stage3": ("3", "all"),
+}
+
 
 class Recipe:
+    """The recipe's phases on one work directory (`out`), at one scale and seed."""
+
     def __init__(self, out: Path, scale_name: str, seed: int, jobs: int) -> None:
         self.out = out.resolve()
         self.scale_name = scale_name
@@ -165,7 +182,7 @@ class Recipe:
         self.seed = seed
         self.jobs = jobs
         self.record_path = self.out / "recipe.json"
-        self.phase_dir = self.out / "phases"
+        self.records = PhaseRecords(self.out / "phases")
         self.record: dict[str, Any] = {"scale": asdict(self.scale), "seed": seed, "phases": {}}
 
     @property
@@ -174,233 +191,24 @@ class Recipe:
 
     def save_record(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.phase_dir.glob("*.json")):
-            self.record["phases"][path.stem] = json.loads(path.read_text())
+        self.record["phases"].update(self.records.all())
         self.record_path.write_text(json.dumps(self.record, indent=2) + "\n")
-
-    def done(self, name: str) -> bool:
-        return (self.phase_dir / f"{name}.json").is_file()
-
-    def phase(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
-        if self.done(name):
-            seconds = json.loads((self.phase_dir / f"{name}.json").read_text())["seconds"]
-            log.info("phase %s: done before (%.0f s), skipped", name, seconds)
-            return
-        log.info("phase %s: start", name)
-        start = time.time()
-        figures = fn() or {}
-        seconds = time.time() - start
-        self.phase_dir.mkdir(parents=True, exist_ok=True)
-        result = {"seconds": round(seconds, 1), **figures}
-        (self.phase_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        log.info("phase %s: %.0f s %s", name, seconds, json.dumps(figures))
 
     def parallel(self, names: list[str]) -> None:
         """Run independent phases at once, each in its own process (one torch thread each)."""
-        todo = [n for n in names if not self.done(n)]
+        todo = [n for n in names if not self.records.done(n)]
         if not todo:
             return
         log.info("phases %s: in parallel", ", ".join(todo))
-        processes = {}
-        for name in todo:
-            command = [
-                sys.executable, "-m", "xllm.model.recipes.toy_world", "--out", str(self.out),
-                "--scale", self.scale_name, "--seed", str(self.seed), "--jobs", str(self.jobs),
-                "--phase", name,
-            ]  # fmt: skip
-            sink = (self.out / f"phase-{name}.log").open("a")
-            processes[name] = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        failed = [n for n, p in processes.items() if p.wait() != 0]
-        if failed:
-            raise RuntimeError(f"phase(s) {failed} failed: see {self.out}/phase-NAME.log")
+        run_parallel(todo, self.phase_command, self.out)
 
-    # --- pre-training ----------------------------------------------------------------
-    def tokenizer(self) -> dict[str, Any]:
-        from xllm.model.recipes.pretrain_llm import build_tokenizer
-
-        tokenizer = build_tokenizer(self.seed)
-        tokenizer.save_pretrained(self.base / "llm")
-        return {"vocab": len(tokenizer)}
-
-    def llm(self) -> dict[str, Any]:
-        from transformers import AutoTokenizer
-
-        from xllm.model.recipes.pretrain_llm import LMSize, pretrain_lm
-
-        tokenizer = AutoTokenizer.from_pretrained(self.base / "llm")
-        s = self.scale
-        size = LMSize(hidden=s.lm_hidden, layers=s.lm_layers, intermediate=3 * s.lm_hidden)
-        model, figures = pretrain_lm(
-            tokenizer,
-            queries=s.queries,
-            max_frames=s.max_frames,
-            size=size,
-            steps=s.lm_steps,
-            batch_size=s.lm_batch,
-            pool=s.lm_pool,
-            seed=self.seed,
-        )
-        model.save_pretrained(self.base / "llm")
-        figures["params"] = sum(p.numel() for p in model.parameters())
-        return figures
-
-    def vision(self) -> dict[str, Any]:
-        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
-        from xllm.model.recipes.pretrain_vision import pretrain_vision
-
-        s = self.scale
-        model, figures = pretrain_vision(
-            image_size=s.image_size,
-            patch=s.patch,
-            hidden=s.vision_hidden,
-            layers=s.vision_layers,
-            pool=s.vision_pool,
-            steps=s.vision_steps,
-            batch_size=s.vision_batch,
-            jobs=self.jobs,
-            seed=self.seed,
-        )
-        model.save_pretrained(self.base / "vision")
-        size = {"height": s.image_size, "width": s.image_size}
-        BlipImageProcessorPil(size=size).save_pretrained(self.base / "vision")
-        figures["params"] = sum(p.numel() for p in model.parameters())
-        return figures
-
-    def llm_tune(self) -> dict[str, Any]:
-        """More LLM steps on fresh dialogues, with the "\\n" after <|assistant|> as a target."""
-        from transformers import AutoTokenizer
-
-        from xllm.model.recipes.pretrain_llm import LMSize, pretrain_lm
-
-        tokenizer = AutoTokenizer.from_pretrained(self.base / "llm")
-        s = self.scale
-        model, figures = pretrain_lm(
-            tokenizer,
-            queries=s.queries,
-            max_frames=s.max_frames,
-            size=LMSize(),
-            steps=s.lm_tune_steps,
-            batch_size=s.lm_batch,
-            pool=s.lm_pool // 2,
-            lr=1e-3,
-            seed=self.seed,
-            init=str(self.base / "llm"),
-        )
-        model.save_pretrained(self.base / "llm")
-        return figures
-
-    def speech_tune(self) -> dict[str, Any]:
-        """More CTC steps on fresh clips (a fresh CTC head on the pre-trained encoder)."""
-        from transformers import AutoTokenizer
-
-        from xllm.model.recipes.pretrain_speech import pretrain_speech
-
-        s = self.scale
-        if not s.speech_tune_steps:
-            return {"skipped": True}
-        tokenizer = AutoTokenizer.from_pretrained(self.base / "llm")
-        model, _, figures = pretrain_speech(
-            tokenizer,
-            window_seconds=s.window_seconds,
-            clips=s.speech_clips,
-            steps=s.speech_tune_steps,
-            batch_size=s.speech_batch,
-            lr=1e-3,
-            jobs=max(4, 4 * self.jobs),
-            seed=self.seed,
-            init=str(self.base / "speech"),
-        )
-        model.save_pretrained(self.base / "speech")
-        return figures
-
-    def vision_tune(self, round: int) -> dict[str, Any]:
-        """More vision steps on a fresh pool of images, with this round's schedule (1-based)."""
-        from xllm.model.recipes.pretrain_vision import pretrain_vision
-
-        s = self.scale
-        steps, lr = s.vision_tune[round - 1]
-        model, figures = pretrain_vision(
-            init=str(self.base / "vision"),
-            pool=s.vision_pool,
-            steps=steps,
-            batch_size=64,
-            lr=lr,
-            jobs=self.jobs,
-            seed=self.seed + round - 1,
-        )
-        model.save_pretrained(self.base / "vision")
-        return figures
-
-    def speech(self) -> dict[str, Any]:
-        from transformers import AutoTokenizer
-
-        from xllm.model.recipes.pretrain_speech import pretrain_speech
-
-        s = self.scale
-        tokenizer = AutoTokenizer.from_pretrained(self.base / "llm")
-        model, extractor, figures = pretrain_speech(
-            tokenizer,
-            d_model=s.whisper_hidden,
-            layers=s.whisper_layers,
-            window_seconds=s.window_seconds,
-            clips=s.speech_clips,
-            steps=s.speech_steps,
-            batch_size=s.speech_batch,
-            jobs=max(4, 4 * self.jobs),
-            seed=self.seed,
-        )
-        model.save_pretrained(self.base / "speech")
-        extractor.save_pretrained(self.base / "speech")
-        figures["params"] = sum(p.numel() for p in model.parameters())
-        return figures
-
-    def assemble_base(self) -> dict[str, Any]:
-        import torch
-
-        from xllm.model.checkpoint import load_model, save_interfaces
-        from xllm.model.config import (
-            ComponentPath,
-            QFormerInterfaceConfig,
-            SamplingDefaults,
-            SpeechInterfaceConfig,
-            XLLMConfig,
-        )
-
-        s = self.scale
-        config = XLLMConfig(
-            llm=ComponentPath("llm"),
-            vision=ComponentPath("vision"),
-            speech=ComponentPath("speech"),
-            image_interface=QFormerInterfaceConfig(
-                num_query_tokens=s.queries,
-                qformer={
-                    "hidden_size": s.qformer_hidden,
-                    "num_hidden_layers": s.qformer_layers,
-                    "num_attention_heads": 4,
-                    "intermediate_size": 2 * s.qformer_hidden,
-                    "cross_attention_frequency": 1,
-                    "vocab_size": 64,
-                    # No dropout (BLIP-2's default is 0.1): with it the video Q-Former learned the
-                    # direction of motion several times slower (48% vs 93% of training clips
-                    # after 500 steps).
-                    "hidden_dropout_prob": 0.0,
-                    "attention_probs_dropout_prob": 0.0,
-                },
-                max_frames=s.max_frames,
-                video_fps=s.video_fps,
-            ),
-            speech_interface=SpeechInterfaceConfig(
-                type="cformer", hidden_size=s.cformer_hidden, num_layers=2, num_heads=4
-            ),
-            sampling=SamplingDefaults(max_tokens=64),
-            name="xllm-toy-world",
-        )
-        config.save(self.base)
-        torch.manual_seed(self.seed)
-        model = load_model(self.base, device="cpu", require_interfaces=False)
-        save_interfaces(model, self.base)
-        return {"interface_params": sum(v.numel() for v in model.interface_state_dict().values())}
+    def phase_command(self, name: str) -> list[str]:
+        """This recipe's command line for running one phase alone."""
+        return [
+            sys.executable, "-m", "xllm.model.recipes.toy_world", "--out", str(self.out),
+            "--scale", self.scale_name, "--seed", str(self.seed), "--jobs", str(self.jobs),
+            "--phase", name,
+        ]  # fmt: skip
 
     # --- data ------------------------------------------------------------------------------
     def data(self) -> dict[str, Any]:
@@ -422,14 +230,7 @@ class Recipe:
     # --- xllm train ------------------------------------------------------------------------
     def train(self, stage: str, model: Path, extra: list[str] | None = None) -> dict[str, Any]:
         steps, batch, lr = self.scale.stages[stage]
-        number, modality = {
-            "stage1-image": ("1", "image"),
-            "stage1-speech": ("1", "speech"),
-            "stage2-image": ("2", "image"),
-            "stage2-video": ("2", "video"),
-            "stage2-speech": ("2", "speech"),
-            "stage3": ("3", "all"),
-        }[stage]
+        number, modality = STAGE_RUNS[stage]
         out = self.out / "runs" / stage
         args = [
             "train", "--stage", number, "--modality", modality,
@@ -444,26 +245,8 @@ class Recipe:
 
     def export(self) -> dict[str, Any]:
         """DIR/model: base components + the final interfaces, paths relative (self-contained)."""
-        from xllm.model.config import ComponentPath, XLLMConfig
-
         target = self.out / "model"
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-        for name in ("llm", "vision", "speech"):
-            shutil.copytree(self.base / name, target / name)
-        final = self.out / "runs" / "stage3"
-        config = XLLMConfig.load(final)
-        config.llm, config.vision, config.speech = (
-            ComponentPath("llm"),
-            ComponentPath("vision"),
-            ComponentPath("speech"),
-        )
-        config.save(target)
-        shutil.copy(final / "interfaces.safetensors", target / "interfaces.safetensors")
-        history = final / "training.json"
-        if history.is_file():
-            shutil.copy(history, target / "training.json")
+        export_model(self.base, self.out / "runs" / "stage3", target)
         self.save_record()
         (target / "recipe.json").write_text(json.dumps(self.record, indent=2) + "\n")
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
@@ -473,62 +256,41 @@ class Recipe:
         """Phases that depend on each other, one after another in this process."""
         phases = self.phases()
         for name in names:
-            self.phase(name, phases[name])
+            self.records.run(name, phases[name])
         return {}
-
-    def merge(self) -> dict[str, Any]:
-        """One model directory with the image/video interfaces of the vision chain and the speech
-        interface of the speech chain (each chain trained only its own interfaces)."""
-        from safetensors.torch import load_file, save_file
-
-        runs = self.out / "runs"
-        target = runs / "merged"
-        target.mkdir(parents=True, exist_ok=True)
-        vision = load_file(str(runs / "stage2-video" / "interfaces.safetensors"))
-        speech = load_file(str(runs / "stage2-speech" / "interfaces.safetensors"))
-        state = {k: v for k, v in vision.items() if not k.startswith("speech_interface.")}
-        state.update({k: v for k, v in speech.items() if k.startswith("speech_interface.")})
-        save_file(state, str(target / "interfaces.safetensors"))
-        shutil.copy(runs / "stage2-video" / "xllm.json", target / "xllm.json")
-        history = []
-        for run in ("stage2-video", "stage2-speech"):
-            path = runs / run / "training.json"
-            if path.is_file():
-                history.append(json.loads(path.read_text()))
-        (target / "training.json").write_text(json.dumps({"merged": history}, indent=2) + "\n")
-        return {"tensors": len(state)}
 
     def vision_rounds(self) -> list[str]:
         return ["vision"] + [
             f"vision-tune{i if i > 1 else ''}" for i in range(1, len(self.scale.vision_tune) + 1)
         ]
 
-    def phases(self) -> dict[str, Callable[[], dict[str, Any] | None]]:
+    def phases(self) -> dict[str, Phase]:
         base, runs = self.base, self.out / "runs"
+        components = ComponentPhases(self.base, self.scale, self.seed, self.jobs)
 
         def train(stage: str, model: Path) -> Callable[[], dict[str, Any]]:
             return lambda: self.train(stage, model)
 
-        phases: dict[str, Callable[[], dict[str, Any] | None]] = {
-            "tokenizer": self.tokenizer,
-            "llm": self.llm,
-            "llm-tune": self.llm_tune,
-            "vision": self.vision,
-            "speech": self.speech,
-            "speech-tune": self.speech_tune,
+        phases: dict[str, Phase] = {
+            "tokenizer": components.tokenizer,
+            "llm": components.llm,
+            "llm-tune": components.llm_tune,
+            "vision": components.vision,
+            "speech": components.speech,
+            "speech-tune": components.speech_tune,
             "data": self.data,
-            "base": self.assemble_base,
+            "base": lambda: assemble_base(base, self.scale, self.seed),
             "stage1-image": train("stage1-image", base),
             "stage2-image": train("stage2-image", runs / "stage1-image"),
             "stage2-video": train("stage2-video", runs / "stage2-image"),
             "stage1-speech": train("stage1-speech", base),
             "stage2-speech": train("stage2-speech", runs / "stage1-speech"),
-            "merge": self.merge,
+            "merge": lambda: merge_chains(runs),
             "stage3": train("stage3", runs / "merged"),
             "export": self.export,
         }
         for round, name in enumerate(self.vision_rounds()[1:], start=1):
-            phases[name] = lambda round=round: self.vision_tune(round)
+            phases[name] = lambda round=round: components.vision_tune(round)
         # Lanes: phases that depend on each other, run as one process beside the other lanes.
         lanes = {
             "lane-llm": ["llm", "llm-tune"],
@@ -545,65 +307,17 @@ class Recipe:
     def run(self, stop_after: str | None = None) -> None:
         start = time.time()
         phases = self.phases()
-        self.phase("tokenizer", phases["tokenizer"])
+        self.records.run("tokenizer", phases["tokenizer"])
         # The three frozen components and the toy data do not depend on each other.
         self.parallel(["lane-llm", "lane-vision", "lane-speech", "data"])
-        self.phase("base", phases["base"])
+        self.records.run("base", phases["base"])
         self.parallel(["chain-vision", "chain-speech"])
         for name in ("merge", "stage3", "export"):
-            self.phase(name, phases[name])
+            self.records.run(name, phases[name])
             if name == stop_after:
                 break
         self.record["total_seconds_this_run"] = round(time.time() - start, 1)
         self.save_record()
-
-
-def xllm(args: list[str], log_file: Path, steps: int, desc: str) -> None:
-    """Run `xllm ARGS` in a subprocess (one torch thread: the fastest on a shared small CPU),
-    its output to `log_file`, with a progress bar fed by its metrics."""
-    from tqdm import tqdm
-
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "xllm", *args]
-    log.info("$ xllm %s", " ".join(args))
-    metrics = Path(args[args.index("--out") + 1]) / "metrics.jsonl"
-    with log_file.open("a") as sink, tqdm(total=steps, desc=desc, mininterval=5.0) as progress:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-        while process.poll() is None:
-            time.sleep(2)
-            step = last_metrics(metrics.parent).get("step", 0)
-            progress.update(max(0, step - progress.n))
-        progress.update(max(0, steps - progress.n))
-    if process.returncode != 0:
-        tail = log_file.read_text()[-3000:]
-        raise RuntimeError(f"xllm {args[0]} failed ({process.returncode}); log tail:\n{tail}")
-
-
-def last_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    last: dict[str, Any] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "step" in row and "loss" in row:
-            last = row
-    return {k: v for k, v in last.items() if k in ("step", "loss")}
-
-
-def install(model_dir: Path, demo: Path = DEMO_DIR) -> Path:
-    """Copy a model directory (safetensors only) into the package as the demo model."""
-    if demo.exists():
-        shutil.rmtree(demo)
-    shutil.copytree(model_dir, demo, ignore=shutil.ignore_patterns("eval", "*.bin", "*.pt"))
-    for path in demo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors are written owner-only
-    return demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -637,12 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     recipe = Recipe(args.out, args.scale, args.seed, args.jobs)
     if args.phase:
-        recipe.phase(args.phase, recipe.phases()[args.phase])
+        recipe.records.run(args.phase, recipe.phases()[args.phase])
         return 0
     log.info("toy-world recipe: out=%s scale=%s seed=%d", args.out, args.scale, args.seed)
     recipe.run(args.stop_after)
     if args.install and (args.out / "model" / "xllm.json").is_file():
-        log.info("installed the demo model in %s", install(args.out / "model"))
+        log.info("installed the demo model in %s", install(args.out / "model", DEMO_DIR))
     return 0
 
 
