@@ -1,0 +1,39 @@
+"""The recipe's phase records: a finished phase is recorded once and skipped when run again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from xllm.model.recipes.phases import PhaseRecords, last_metrics
+
+
+def test_a_finished_phase_is_skipped_and_its_figures_kept(tmp_path: Path) -> None:
+    records = PhaseRecords(tmp_path / "phases")
+    calls: list[str] = []
+
+    def phase() -> dict[str, int]:
+        calls.append("ran")
+        return {"figure": len(calls)}
+
+    records.run("b", phase)
+    records.run("a", lambda: None)
+    records.run("b", phase)
+    assert calls == ["ran"]
+    assert records.done("b") and not records.done("c")
+    everything = records.all()
+    assert list(everything) == ["a", "b"]
+    assert everything["b"]["figure"] == 1 and "seconds" in everything["b"]
+    assert set(everything["a"]) == {"seconds"}
+
+
+def test_last_metrics_reads_the_last_training_record(tmp_path: Path) -> None:
+    assert last_metrics(tmp_path) == {}
+    lines = [
+        {"step": 1, "loss": 2.0, "lr": 0.1},
+        {"step": 2, "loss": 1.5, "lr": 0.1},
+        {"step": 2, "eval_loss": 1.0},
+    ]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 3, "lo'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert last_metrics(tmp_path) == {"step": 2, "loss": 1.5}
