@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.helpers import train
+from tests.train.helpers import stage_args, train
 
 # Dropout in the Q-Former, gradient accumulation, a partial last batch, warmup + cosine and a
 # DataLoader worker all take part, so every piece of state that resume restores matters.
@@ -73,3 +73,16 @@ def test_out_with_a_run_needs_resume(
     ]
     assert main(argv) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_stage(
+    tiny_model_dir: Path, toy_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from xllm.main import main
+
+    out = tmp_path / "out"
+    train(tiny_model_dir, toy_dir, out, *stage_args(2, "image", 1, 6))
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(toy_dir), "--out", str(out)]
+    argv += [*stage_args(2, "video", 2, 6), "--device", "cpu", "--resume"]
+    assert main(argv) == 2
+    assert "cannot resume as stage 2 video" in capsys.readouterr().err
