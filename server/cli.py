@@ -94,7 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.engine == "process":
         start_engine_forkserver()
-    from xllm.server.app import serve
+    from xllm.server.serve import serve
 
     return serve(settings)
 

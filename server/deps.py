@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from starlette.exceptions import HTTPException
 
 from xllm.server.engine.contract import EngineClient
+from xllm.server.errors import ClientDisconnected
 from xllm.server.metrics import Metrics
 from xllm.server.middleware import bearer_key_valid
 from xllm.server.serving import ChatService
@@ -80,10 +81,6 @@ async def request_id(request: Request) -> str:
 
 
 RequestIdDep = Annotated[str, Depends(request_id)]
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from xllm.model.config import Quantize
+
+if TYPE_CHECKING:
+    from xllm.server.engine.config import EngineConfig
+    from xllm.server.serving import ServingLimits
 
 
 def _split_list(value: object) -> object:
@@ -102,3 +106,38 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's part of the settings (imported late: it brings torch)."""
+        from xllm.server.engine.config import EngineConfig
+
+        gb = self.kv_cache_memory_gb
+        return EngineConfig(
+            max_batch=self.max_batch,
+            max_queue=self.max_queue,
+            max_model_len=self.max_model_len,
+            prefill_chunk=self.prefill_chunk,
+            default_max_tokens=self.default_max_tokens,
+            encoder_cache_mb=self.encoder_cache_mb,
+            stall_timeout=self.stall_timeout or None,
+            compile=self.compile,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=None if gb is None else int(gb * 2**30),
+        )
+
+    def serving_limits(self) -> ServingLimits:
+        """What the serving layer refuses before anything reaches the engine."""
+        from xllm.model.media import MediaLimits
+        from xllm.server.serving import ServingLimits
+
+        media = MediaLimits(
+            max_image_pixels=self.max_image_pixels,
+            max_audio_seconds=self.max_audio_seconds,
+            max_video_seconds=self.max_video_seconds,
+            max_bytes=self.max_upload_bytes,
+        )
+        return ServingLimits(
+            media,
+            max_media_per_request=self.max_media_per_request,
+            request_timeout=self.request_timeout,
+        )

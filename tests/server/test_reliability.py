@@ -35,7 +35,8 @@ import uvicorn
 from tests.media import make_mp4, make_png, make_wav
 from tests.server.faults import inject_faults
 from tests.servers import free_port, read_metric, wait_until
-from xllm.server.app import DrainingServer, create_app
+from xllm.server.app import create_app
+from xllm.server.serve import DrainingServer
 from xllm.server.settings import Settings
 
 MB = 2**20
