@@ -1,60 +1,68 @@
-"""`xllm serve`: flags override `XLLM_*` environment variables (see Settings)."""
+"""`xllm serve`: flags override `XLLM_*` environment variables (see Settings).
+
+The flags are generated from `Settings`' fields, so a setting, its default and its help live in
+one place: field `max_batch` is `--max-batch` (env var `XLLM_MAX_BATCH`), its type the field's
+(a Literal gives choices, a bool `on`/`off`), its help the field's description.
+"""
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
-from xllm.model.config import QUANTIZE_CHOICES
+from pydantic import SecretStr
+from pydantic.fields import FieldInfo
 
-# flag -> (type, help); every flag defaults to None so that unset flags leave env/defaults alone.
-_FLAGS: dict[str, tuple[type, str]] = {
-    "--model": (Path, "model directory (default: the built-in demo model)"),
-    "--host": (str, "bind address (default 127.0.0.1)"),
-    "--port": (int, "port (default 8000)"),
-    "--max-batch": (int, "sequences decoding together = KV slots (default 32)"),
-    "--max-queue": (int, "requests waiting beyond --max-batch before 429 (default 64)"),
-    "--max-model-len": (int, "context per KV slot (default: the model's, at most 8192)"),
-    "--prefill-chunk": (int, "prompt positions per prefill step (default 512)"),
-    "--default-max-tokens": (int, "max_tokens when a request gives none (default 512)"),
-    "--encoder-cache-mb": (int, "encoder output cache size (default 256)"),
-    "--api-key": (str, "require 'Authorization: Bearer KEY' on /chat and /v1/*"),
-    "--api-key-file": (Path, "file with accepted API keys, one per line"),
-    "--cors-origins": (str, "comma-separated origins allowed by CORS (default: CORS off)"),
-    "--max-upload-mb": (float, "largest request body (default 50)"),
-    "--max-image-pixels": (int, "largest image, width x height (default 40000000)"),
-    "--max-audio-seconds": (float, "longest audio (default 600)"),
-    "--max-video-seconds": (float, "longest video (default 600)"),
-    "--max-media-per-request": (int, "media items per request (default 16)"),
-    "--request-timeout": (float, "seconds before a request ends with an error (default: none)"),
-    "--allow-remote-media": (str, "comma-separated hosts whose http(s) media URLs may be fetched"),
-    "--drain-timeout": (float, "seconds SIGTERM lets running requests finish (default 30)"),
-    "--stall-timeout": (
-        float,
-        "seconds one engine step may run before the worker counts as wedged: /ready 503 and "
-        "exit code 3 (default 300; 0: never; raise it for big models on CPU)",
-    ),
-    "--media-workers": (int, "threads decoding media (default 2)"),
-    "--torch-threads": (int, "model worker threads on the CPU (default: cores - 1)"),
-    "--kv-cache-memory-gb": (
-        float,
-        "memory for the KV cache in GiB; sizes the KV slots, at most --max-batch (default: on "
-        "the CPU a quarter of the memory available at start-up)",
-    ),
-    "--gpu-memory-utilization": (
-        float,
-        "CUDA: share of the GPU's memory to use (weights, activations, KV cache), e.g. 0.9; "
-        "sizes the KV slots, at most --max-batch (default: --max-batch slots; not on the CPU)",
-    ),
-}
-_CHOICES = {
-    "--quantize": QUANTIZE_CHOICES,
-    "--device": ("auto", "cpu", "cuda"),
-    "--dtype": ("auto", "float32", "bfloat16", "float16"),
-    "--log-format": ("json", "text"),
-    "--compile": ("on", "off"),  # torch.compile the decode step (default: on for CUDA only)
-    "--engine": ("process", "thread"),
-}
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _plain_type(annotation: Any) -> Any:
+    """The annotation without Optional / Annotated around it."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            others = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = others[0]
+        else:
+            return annotation
+
+
+def _help(field: FieldInfo) -> str:
+    text = field.description or ""
+    default = field.get_default(call_default_factory=True)
+    if "default" in text or default in (None, [], ""):
+        return text
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    return f"{text} (default {default})" if text else f"default {default}"
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; every flag defaults to None, so that unset flags leave the
+    environment and the defaults alone."""
+    from xllm.server.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        kind = _plain_type(field.annotation)
+        options: dict[str, Any] = {"default": None, "help": _help(field)}
+        if typing.get_origin(kind) is Literal:
+            options["choices"] = typing.get_args(kind)
+        elif kind is bool:
+            options["choices"] = ("on", "off")
+        elif kind in (int, float, Path):
+            options["type"] = kind
+        elif kind in (str, SecretStr) or typing.get_origin(kind) is list:
+            options["type"] = str  # a list: comma-separated, split by Settings
+        else:
+            raise TypeError(f"Settings.{name}: no flag for {kind!r}")
+        parser.add_argument(flag_name(name), **options)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,10 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Every flag can also be set as an environment variable: --max-batch is "
         "XLLM_MAX_BATCH, and so on. Flags win.",
     )
-    for flag, (kind, text) in _FLAGS.items():
-        serve.add_argument(flag, type=kind, default=None, help=text)
-    for flag, choices in _CHOICES.items():
-        serve.add_argument(flag, choices=choices, default=None)
+    add_settings_arguments(serve)
     serve.set_defaults(func=run_serve)
 
 
@@ -77,10 +82,7 @@ def settings_from_args(args: argparse.Namespace):  # -> Settings (import kept la
     from xllm.main import UserError
     from xllm.server.settings import Settings
 
-    overrides = {
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag in (*_FLAGS, *_CHOICES)
-    }
+    overrides = {name: getattr(args, name) for name in Settings.model_fields}
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

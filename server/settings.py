@@ -28,31 +28,41 @@ class Settings(BaseSettings):
     model: Path | None = Field(
         None, description="model directory; default: the built-in demo model"
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    quantize: Quantize = "none"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="port")
+    quantize: Quantize = Field("none", description="weight quantization of the LLM")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the model's compute dtype"
+    )
     max_batch: int = Field(32, ge=1, description="sequences decoding together (KV slots)")
-    max_queue: int = Field(64, ge=0, description="requests waiting beyond max_batch; then 429")
+    max_queue: int = Field(64, ge=0, description="requests waiting beyond --max-batch before 429")
     max_model_len: int | None = Field(
         None, ge=16, description="context per KV slot; default: the model's, at most 8192"
     )
     prefill_chunk: int = Field(512, ge=16, description="prompt positions per prefill step")
-    default_max_tokens: int = Field(512, ge=1)
-    encoder_cache_mb: int = Field(256, ge=0)
-    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer <key>'")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
+    encoder_cache_mb: int = Field(256, ge=0, description="encoder output cache size in MB")
+    api_key: SecretStr | None = Field(
+        None, description="require 'Authorization: Bearer KEY' on /chat and /v1/*"
+    )
     api_key_file: Path | None = Field(None, description="file with one accepted key per line")
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_upload_mb: float = Field(50, gt=0)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    max_audio_seconds: float = Field(600, gt=0)
-    max_video_seconds: float = Field(600, gt=0)
-    max_media_per_request: int = Field(16, ge=0)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated origins allowed by CORS; default: CORS off",
+    )
+    max_upload_mb: float = Field(50, gt=0, description="largest request body in MB")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image, width x height")
+    max_audio_seconds: float = Field(600, gt=0, description="longest audio")
+    max_video_seconds: float = Field(600, gt=0, description="longest video")
+    max_media_per_request: int = Field(16, ge=0, description="media items per request")
     request_timeout: float | None = Field(
         None, gt=0, description="seconds; then the request ends with an error"
     )
-    allow_remote_media: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_remote_media: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated hosts whose http(s) media URLs may be fetched",
+    )
     drain_timeout: float = Field(30, ge=0, description="seconds SIGTERM waits for running requests")
     stall_timeout: float = Field(
         300,
@@ -92,7 +102,7 @@ class Settings(BaseSettings):
         description="where the model loop runs: its own process (a core and an interpreter of "
         "its own) or a thread of the server process",
     )
-    log_format: Literal["json", "text"] = "json"
+    log_format: Literal["json", "text"] = Field("json", description="log lines as JSON or text")
 
     _split = field_validator("cors_origins", "allow_remote_media", mode="before")(_split_list)
 
