@@ -1,4 +1,5 @@
-"""Shared route dependencies: the runtime (model, engine, service), auth, request ids."""
+"""Shared route dependencies: the runtime (model, engine, service) and request ids. (The API key
+is checked once, by ApiKeyMiddleware, before any of the body is read.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from starlette.exceptions import HTTPException
 from xllm.server.engine.contract import EngineClient
 from xllm.server.errors import ClientDisconnected
 from xllm.server.metrics import Metrics
-from xllm.server.middleware import bearer_key_valid
 from xllm.server.serving import ChatService
 from xllm.server.settings import Settings
 
@@ -64,16 +64,6 @@ async def get_service(runtime: RuntimeDep) -> ChatService:
 
 
 ServiceDep = Annotated[ChatService, Depends(get_service)]
-
-
-async def require_api_key(request: Request, runtime: RuntimeDep) -> None:
-    """With API keys configured, 'Authorization: Bearer <key>' must match one (constant time)."""
-    if not runtime.api_keys:
-        return
-    if not bearer_key_valid(request.headers.get("authorization", ""), runtime.api_keys):
-        raise HTTPException(
-            401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
-        )
 
 
 async def request_id(request: Request) -> str:

@@ -85,9 +85,10 @@ def _needs_key(path: str) -> bool:
 
 
 class ApiKeyMiddleware:
-    """401 for /chat and /v1/* without a valid key, at the headers: FastAPI reads (and parses) a
-    whole form before the routes' own auth dependency runs, so without this an unauthenticated
-    client could still make the server take in and spool uploads up to --max-upload-mb."""
+    """401 for /chat and /v1/* without a valid key: the one API key check. It runs at the
+    headers, not as a route dependency, because FastAPI reads (and parses) a whole form before
+    any dependency runs: an unauthenticated client could still make the server take in and
+    spool uploads up to --max-upload-mb."""
 
     def __init__(self, app: ASGIApp, keys: list[str]) -> None:
         self.app = app

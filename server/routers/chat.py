@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
@@ -14,17 +14,16 @@ from xllm.model.sampling import PENALTY_LIMIT
 from xllm.server.deps import (
     RequestIdDep,
     ServiceDep,
-    require_api_key,
     until_disconnected,
 )
 from xllm.server.engine.events import ErrorEvent, Event, FinishEvent
-from xllm.server.errors import ServingError, error_body
-from xllm.server.protocol import ChatReply, ChatStreamEvent, ChatTurn, ErrorResponse, UsageInfo
+from xllm.server.errors import ServingError
+from xllm.server.protocol import ChatReply, ChatStreamEvent, ChatTurn, UsageInfo
+from xllm.server.routers.responses import MEDIA_ERRORS, STREAM_REPLY, sse, sse_error
 from xllm.server.serving import ChatInput, ChatService, Generation, MediaInput
 
-router = APIRouter(dependencies=[Depends(require_api_key)], tags=["chat"])
+router = APIRouter(tags=["chat"])
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503)}
 _TURNS = TypeAdapter(list[ChatTurn])
 
 
@@ -73,10 +72,10 @@ async def _files(kind: str, files: list[UploadFile] | None) -> list[MediaInput]:
     "/chat",
     response_model=ChatReply,
     responses={
-        **ERRORS,
+        **MEDIA_ERRORS,
         200: {
             "description": "The reply; with stream=true SSE ChatStreamEvents, then [DONE]",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            **STREAM_REPLY,
         },
     },
     summary="Chat with images, audio and video",
@@ -139,10 +138,6 @@ async def _complete(service: ChatService, chat_input: ChatInput) -> ChatReply:
     )
 
 
-def sse(data: str) -> str:
-    return f"data: {data}\n\n"
-
-
 async def _sse(generation: Generation) -> AsyncIterator[str]:
     try:
         async for batch in generation.event_batches():
@@ -157,7 +152,7 @@ async def _sse(generation: Generation) -> AsyncIterator[str]:
 def _sse_event(request_id: str, event: Event) -> str:
     """One engine event as SSE (empty for a token that completes no text yet)."""
     if isinstance(event, ErrorEvent):
-        return sse(json.dumps(error_body(event.message, event.type, event.status)))
+        return sse_error(event)
     if isinstance(event, FinishEvent):
         last = ChatStreamEvent(
             id=request_id,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from xllm.server.deps import RequestIdDep, ServiceDep, require_api_key, until_disconnected
+from xllm.server.deps import RequestIdDep, ServiceDep, until_disconnected
 from xllm.server.engine.events import (
     ErrorEvent,
     Event,
@@ -17,26 +16,23 @@ from xllm.server.engine.events import (
     PromptLogprobsEvent,
     TokenLogprobs,
 )
-from xllm.server.errors import error_body
 from xllm.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
-    ErrorResponse,
     TextCompletion,
     UsageInfo,
 )
-from xllm.server.routers.chat import sse
+from xllm.server.routers.responses import STREAM_REPLY, TEXT_ERRORS, sse, sse_error
 from xllm.server.serving import ChatInput, ChatService, Generation, merged_event_batches
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503)}
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 @router.post(
     "/completions",
     response_model=TextCompletion,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+    responses={**TEXT_ERRORS, 200: STREAM_REPLY},
     summary="Complete raw text prompts (no chat template); a list of prompts: a choice each",
 )
 async def completions(
@@ -123,7 +119,7 @@ async def _chunks(
 
     def render(index: int, event: Event) -> str:
         if isinstance(event, ErrorEvent):
-            return sse(json.dumps(error_body(event.message, event.type, event.status)))
+            return sse_error(event)
         if isinstance(event, PromptLogprobsEvent):  # echo + logprobs: the prompt's chunk
             pending[index] = list(event.entries)
             return chunk(index, inputs[index].prompt or "")

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from xllm.server.deps import (
     RequestIdDep,
     RuntimeDep,
     ServiceDep,
-    require_api_key,
     until_disconnected,
 )
 from xllm.server.engine.events import ErrorEvent, Event, FinishEvent, TokenLogprobs
-from xllm.server.errors import error_body
 from xllm.server.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -27,16 +24,14 @@ from xllm.server.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
-    ErrorResponse,
     ModelCard,
     ModelList,
     UsageInfo,
 )
-from xllm.server.routers.chat import sse
+from xllm.server.routers.responses import MEDIA_ERRORS, STREAM_REPLY, sse, sse_error
 from xllm.server.serving import ChatService, Generation
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503)}
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 @router.get("/models", response_model=ModelList)
@@ -48,7 +43,7 @@ async def models(runtime: RuntimeDep) -> ModelList:
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+    responses={**MEDIA_ERRORS, 200: STREAM_REPLY},
 )
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep
@@ -105,7 +100,7 @@ async def _chunks(
 
     def render(event: Event) -> str:
         if isinstance(event, ErrorEvent):
-            return sse(json.dumps(error_body(event.message, event.type, event.status)))
+            return sse_error(event)
         if event.logprobs is not None:
             pending.append(event.logprobs)
         text = chunk(DeltaMessage(content=event.text)) if event.text else ""
