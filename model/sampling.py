@@ -19,6 +19,40 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (chat's to
 MAX_COMPLETION_LOGPROBS = 5  # the same for /v1/completions' `logprobs` (OpenAI's legacy limit)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a sampling parameter may take. `bounds` are the keyword arguments of
+    pydantic's `Field` and FastAPI's `Form`, so the HTTP schemas check what `validate` does."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    @property
+    def bounds(self) -> dict[str, float]:
+        named = {"ge": self.ge, "gt": self.gt, "le": self.le}
+        return {name: value for name, value in named.items() if value is not None}
+
+    def __contains__(self, value: float) -> bool:
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+        )
+
+
+MAX_TOKENS = Range(ge=1)
+MIN_TOKENS = Range(ge=0)  # and at most max_tokens
+TEMPERATURE = Range(ge=0)
+OPENAI_TEMPERATURE = Range(ge=0, le=2)  # OpenAI's schemas cap it too
+TOP_P = Range(gt=0, le=1)
+TOP_K = Range(ge=0)  # 0: off
+REPETITION_PENALTY = Range(gt=0)
+PENALTY = Range(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)  # presence_penalty, frequency_penalty
+TOP_LOGPROBS = Range(ge=0, le=MAX_TOP_LOGPROBS)
+COMPLETION_LOGPROBS = Range(ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 512
@@ -39,22 +73,22 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError with a message naming the bad field."""
-        if self.max_tokens < 1:
+        if self.max_tokens not in MAX_TOKENS:
             raise ValueError("max_tokens must be at least 1")
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if self.min_tokens not in MIN_TOKENS or self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must be between 0 and max_tokens")
-        if self.temperature < 0:
+        if self.temperature not in TEMPERATURE:
             raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
+        if self.top_p not in TOP_P:
             raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
+        if self.top_k not in TOP_K:
             raise ValueError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
+        if self.repetition_penalty not in REPETITION_PENALTY:
             raise ValueError("repetition_penalty must be > 0")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -PENALTY_LIMIT <= getattr(self, name) <= PENALTY_LIMIT:
+            if getattr(self, name) not in PENALTY:
                 raise ValueError(f"{name} must be between {-PENALTY_LIMIT:g} and {PENALTY_LIMIT:g}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+        if self.logprobs is not None and self.logprobs not in TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")

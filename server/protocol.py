@@ -7,10 +7,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from xllm.model.sampling import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS, PENALTY_LIMIT
+from xllm.model.sampling import (
+    COMPLETION_LOGPROBS,
+    MAX_TOKENS,
+    MIN_TOKENS,
+    OPENAI_TEMPERATURE,
+    PENALTY,
+    REPETITION_PENALTY,
+    TOP_K,
+    TOP_LOGPROBS,
+    TOP_P,
+)
 
 # OpenAI's presence_penalty / frequency_penalty field, range from the sampler's own constant
-Penalty = Annotated[float | None, Field(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)]
+Penalty = Annotated[float | None, Field(**PENALTY.bounds)]
 
 
 class ErrorBody(BaseModel):
@@ -119,10 +129,10 @@ class ChatCompletionRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, **MAX_TOKENS.bounds)
+    max_completion_tokens: int | None = Field(None, **MAX_TOKENS.bounds)
+    temperature: float | None = Field(None, **OPENAI_TEMPERATURE.bounds)
+    top_p: float | None = Field(None, **TOP_P.bounds)
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -130,15 +140,15 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: Penalty = None
     frequency_penalty: Penalty = None
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, **TOP_LOGPROBS.bounds)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     # extensions (vLLM's names)
-    top_k: int | None = Field(None, ge=0)
-    min_tokens: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, **TOP_K.bounds)
+    min_tokens: int | None = Field(None, **MIN_TOKENS.bounds)
     ignore_eos: bool | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, **REPETITION_PENALTY.bounds)
 
 
 class AssistantMessage(BaseModel):
@@ -236,15 +246,15 @@ class CompletionRequest(BaseModel):
     prompt: str | list[str] = Field(
         description="raw text (no chat template); a list: a choice each"
     )
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(16, **MAX_TOKENS.bounds)  # OpenAI's default
+    temperature: float | None = Field(None, **OPENAI_TEMPERATURE.bounds)
+    top_p: float | None = Field(None, **TOP_P.bounds)
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    logprobs: int | None = Field(None, **COMPLETION_LOGPROBS.bounds)
     echo: bool = False
     presence_penalty: Penalty = None
     frequency_penalty: Penalty = None
@@ -253,10 +263,10 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     user: str | None = None
     # extensions (vLLM's names)
-    top_k: int | None = Field(None, ge=0)
-    min_tokens: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, **TOP_K.bounds)
+    min_tokens: int | None = Field(None, **MIN_TOKENS.bounds)
     ignore_eos: bool | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, **REPETITION_PENALTY.bounds)
 
 
 class CompletionLogprobs(BaseModel):

@@ -10,7 +10,15 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
-from xllm.model.sampling import PENALTY_LIMIT
+from xllm.model.sampling import (
+    MAX_TOKENS,
+    MIN_TOKENS,
+    PENALTY,
+    REPETITION_PENALTY,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+)
 from xllm.server.deps import (
     RequestIdDep,
     ServiceDep,
@@ -92,15 +100,15 @@ async def chat(
     audio: Annotated[list[UploadFile] | None, File(description="audio files (repeatable)")] = None,
     video: Annotated[list[UploadFile] | None, File(description="video files (repeatable)")] = None,
     stream: Annotated[bool, Form()] = False,
-    max_tokens: Annotated[int | None, Form(ge=1)] = None,
-    min_tokens: Annotated[int | None, Form(ge=0)] = None,
+    max_tokens: Annotated[int | None, Form(**MAX_TOKENS.bounds)] = None,
+    min_tokens: Annotated[int | None, Form(**MIN_TOKENS.bounds)] = None,
     ignore_eos: Annotated[bool | None, Form()] = None,
-    temperature: Annotated[float | None, Form(ge=0)] = None,
-    top_p: Annotated[float | None, Form(gt=0, le=1)] = None,
-    top_k: Annotated[int | None, Form(ge=0)] = None,
-    repetition_penalty: Annotated[float | None, Form(gt=0)] = None,
-    presence_penalty: Annotated[float | None, Form(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)] = None,
-    frequency_penalty: Annotated[float | None, Form(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)] = None,
+    temperature: Annotated[float | None, Form(**TEMPERATURE.bounds)] = None,
+    top_p: Annotated[float | None, Form(**TOP_P.bounds)] = None,
+    top_k: Annotated[int | None, Form(**TOP_K.bounds)] = None,
+    repetition_penalty: Annotated[float | None, Form(**REPETITION_PENALTY.bounds)] = None,
+    presence_penalty: Annotated[float | None, Form(**PENALTY.bounds)] = None,
+    frequency_penalty: Annotated[float | None, Form(**PENALTY.bounds)] = None,
     seed: Annotated[int | None, Form()] = None,
     stop: Annotated[list[str] | None, Form(description="repeatable, or a JSON list")] = None,
 ):

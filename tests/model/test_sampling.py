@@ -117,3 +117,23 @@ def test_prompt_logprobs_score_each_next_token():
         assert entry.logprob == pytest.approx(expected[position, target].item(), abs=1e-5)
         assert entry.top_ids[0] == expected[position].argmax().item() and len(entry.top_ids) == 2
     assert sampling.prompt_logprobs(logits, [], k=2) == []
+
+
+def test_each_range_is_what_validate_checks():
+    """The HTTP schemas take their bounds from the same Range objects (server/protocol.py,
+    server/routers/chat.py); here the ranges and `validate` agree at their edges."""
+    assert 0.5 in sampling.TOP_P and 1 in sampling.TOP_P and 0 not in sampling.TOP_P
+    assert sampling.TOP_P.bounds == {"gt": 0, "le": 1}
+    edges = {
+        "max_tokens": (1, 0),
+        "temperature": (0.0, -0.1),
+        "top_p": (1.0, 0.0),
+        "top_k": (0, -1),
+        "repetition_penalty": (0.01, 0.0),
+        "presence_penalty": (sampling.PENALTY_LIMIT, sampling.PENALTY_LIMIT + 0.1),
+        "logprobs": (sampling.MAX_TOP_LOGPROBS, sampling.MAX_TOP_LOGPROBS + 1),
+    }
+    for name, (allowed, refused) in edges.items():
+        SamplingParams(**{name: allowed}).validate()
+        with pytest.raises(ValueError, match="top_logprobs" if name == "logprobs" else name):
+            SamplingParams(**{name: refused}).validate()
