@@ -251,13 +251,6 @@ class ChatService:
     async def start(self, chat: ChatInput) -> Generation:
         params, max_tokens_given = self._params(chat.overrides)
         self._check_media_count(len(chat.media))
-        for item in chat.media:
-            if item.kind not in self.preparer.modalities:
-                raise ServingError(
-                    f"this model does not take {item.kind} input (it takes: "
-                    f"{', '.join(self.preparer.modalities) or 'text only'})",
-                    400,
-                )
         texts = chat.turns if chat.prompt is None else [("user", chat.prompt)]
         self._check_prompt_size(texts)
         for _, text in texts:
@@ -366,6 +359,8 @@ class ChatService:
             return list(await asyncio.gather(*jobs))
         except MediaError as exc:
             raise ServingError(exc.message, exc.status) from None
+        except ValueError as exc:  # the preparer's: a kind of media this model does not take
+            raise ServingError(str(exc), 400) from None
 
     def _decode_one(self, item: MediaInput) -> PreparedMedia:
         limits = self.limits.media
