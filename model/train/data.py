@@ -21,7 +21,6 @@ in the same order, and a resumed run skips exactly the batches already consumed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections import Counter
@@ -35,7 +34,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xllm.model.config import MODALITIES, Modality
-from xllm.model.media import MediaError, load_media_file
+from xllm.model.media import MediaError
+from xllm.model.preprocess import MediaPreparer
 from xllm.model.prompt import ROLES, PromptError, bind_media
 
 log = logging.getLogger(__name__)
@@ -266,29 +266,21 @@ class Batch:
     errors: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    video_fps: float = 1.0
-    max_frames: int = 8
-    video_audio: bool = True  # keep a video's audio track (stage 3); stage 2 video ignores it
-
-
 class MediaDataset(Dataset):
     """Decodes and prepares one example's media: a Sample, or the error message of a bad row.
 
-    `prepare` is the model's `XLLM.prepare` (image processor, log-mel features): it only reads
-    preprocessing settings, so it runs in forked DataLoader workers without touching weights.
+    Media go through the model's `MediaPreparer` (decoder by kind, the video interface's frame
+    rate and count, image processor, log-mel features) as they do in the server; it holds no
+    weights, so it runs in forked DataLoader workers. `video_audio` keeps a video's audio track
+    (stage 3); stage 2 video leaves it out.
     """
 
     def __init__(
-        self,
-        examples: Sequence[Example],
-        prepare: Callable[[Modality, Any], Any],
-        options: DecodeOptions,
+        self, examples: Sequence[Example], preparer: MediaPreparer, video_audio: bool
     ) -> None:
         self.examples = list(examples)
-        self.prepare = prepare
-        self.options = options
+        self.preparer = preparer
+        self.video_audio = video_audio
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -296,19 +288,13 @@ class MediaDataset(Dataset):
     def __getitem__(self, index: int) -> Sample | str:
         example = self.examples[index]
         try:
-            return Sample(example, [self._load(kind, path) for kind, path in example.media])
+            media = [
+                self.preparer.prepare_file(path, kind, video_audio=self.video_audio)
+                for kind, path in example.media
+            ]
         except (MediaError, ValueError) as exc:
             return f"{example.source}: {exc}"
-
-    def _load(self, kind: Modality, path: Path) -> Any:
-        if kind != "video":
-            return self.prepare(kind, load_media_file(path, kind))
-        video = load_media_file(
-            path, "video", fps=self.options.video_fps, max_frames=self.options.max_frames
-        )
-        if not self.options.video_audio:
-            video = dataclasses.replace(video, audio=None)
-        return self.prepare("video", video)
+        return Sample(example, media)
 
 
 def collate(items: Iterable[Sample | str]) -> Batch:

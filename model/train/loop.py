@@ -35,7 +35,6 @@ from xllm.model.train.checkpoints import Checkpointer, has_run, read_history
 from xllm.model.train.config import TrainConfig
 from xllm.model.train.data import (
     BatchPlan,
-    DecodeOptions,
     Manifest,
     MediaDataset,
     make_loader,
@@ -338,18 +337,7 @@ def stage_dataset(
         manifest.extend(part)
     if not manifest.examples:
         raise TrainingError(f"{path}: no usable rows for stage {config.stage} {config.modality}")
-    return MediaDataset(manifest.examples, model.prepare, decode_options(config, model))
-
-
-def decode_options(config: TrainConfig, model: XLLM) -> DecodeOptions:
-    """How the DataLoader workers decode a row's media for `model.prepare`: the video frame rate
-    and frame count the video interface takes, and whether a video keeps its audio track."""
-    qformer = model.config.image_interface
-    return DecodeOptions(
-        video_fps=qformer.video_fps if qformer else 1.0,
-        max_frames=model.video_interface.max_frames if model.video_interface else 8,
-        video_audio=config.keep_video_audio,
-    )
+    return MediaDataset(manifest.examples, model.preparer, config.keep_video_audio)
 
 
 def batch_plan(config: TrainConfig, model: XLLM, dataset: MediaDataset) -> BatchPlan:

@@ -6,9 +6,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
+from xllm.model.preprocess import MediaPreparer
 from xllm.model.train.data import (
     BatchPlan,
-    DecodeOptions,
     MediaDataset,
     collate,
     make_loader,
@@ -20,6 +22,12 @@ def write_manifest(path: Path, rows: list) -> Path:
     lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def preparer(tiny_model_dir: Path) -> MediaPreparer:
+    """The tiny model's media preparer (weights-free), as the training loop hands it over."""
+    return MediaPreparer.from_pretrained(tiny_model_dir)
 
 
 def test_relative_paths_and_lists(media, tmp_path: Path) -> None:
@@ -49,7 +57,7 @@ def test_relative_paths_and_lists(media, tmp_path: Path) -> None:
     assert second.turns is not None and second.turns[-1] == ("assistant", "Two.")
 
 
-def test_bad_rows_are_skipped_and_counted(media, tmp_path: Path) -> None:
+def test_bad_rows_are_skipped_and_counted(media, preparer, tmp_path: Path) -> None:
     image = media.png("ok.png")
     corrupt = media.corrupt("bad.png")
     chat_without_answer = [{"role": "user", "content": "<image> hi"}]
@@ -85,7 +93,7 @@ def test_bad_rows_are_skipped_and_counted(media, tmp_path: Path) -> None:
     )
     assert "6 skipped" in manifest.describe("m.jsonl")
     # A row whose media does not decode is dropped from its batch and counted there.
-    dataset = MediaDataset(manifest.examples, lambda kind, item: item, DecodeOptions())
+    dataset = MediaDataset(manifest.examples, preparer, video_audio=True)
     batch = collate([dataset[0], dataset[1]])
     assert [s.example.text for s in batch.samples] == ["fine"]
     assert batch.skipped == 1 and "m.jsonl:8" in batch.errors[0]
@@ -146,14 +154,12 @@ def test_balanced_sampling_evens_out_modalities() -> None:
     assert counts["audio"] > 10  # the small group is cycled
 
 
-def test_loader_workers_keep_the_planned_order(media, tmp_path: Path) -> None:
+def test_loader_workers_keep_the_planned_order(media, preparer, tmp_path: Path) -> None:
     path = write_manifest(
         tmp_path / "m.jsonl",
         [{"image": str(media.png(f"{i}.png", seed=i)), "text": str(i)} for i in range(6)],
     )
-    dataset = MediaDataset(
-        read_manifest(path).examples, lambda kind, item: item.size, DecodeOptions()
-    )
+    dataset = MediaDataset(read_manifest(path).examples, preparer, video_audio=True)
     order = [[5, 1], [0, 2, 3], [4]]
     loaded = list(make_loader(dataset, order, workers=2, seed=0))
     assert [[s.example.text for s in b.samples] for b in loaded] == [
@@ -161,4 +167,5 @@ def test_loader_workers_keep_the_planned_order(media, tmp_path: Path) -> None:
         ["0", "2", "3"],
         ["4"],
     ]
-    assert loaded[0].samples[0].media == [(48, 40)]  # decoded (and "prepared") in the worker
+    (prepared,) = loaded[0].samples[0].media  # decoded and prepared in the worker
+    assert prepared.kind == "image" and prepared.pixels is not None
