@@ -10,6 +10,7 @@ thread on each side drains the pipe:
     API process (EngineProcess)                      engine process (_engine_main)
     submit ------------ ("submit", key, request) --> loop.submit()
     handle.cancel() --- ("cancel", key) -----------> that request's cancelled flag
+    place given back <- ("dropped", key) ----------- the loop dropped the cancelled request
     abort_all / shutdown --------------------------> the same on the engine
     handles, metrics <- ("event", key, event) ------ the engine's events, and its observer calls
                         ("observe", name, args)      (metric samples), in order; the loop's
@@ -46,6 +47,7 @@ from xllm.server.engine.events import (
     FinishEvent,
     RequestHandle,
 )
+from xllm.server.engine.sequence import Sequence
 from xllm.server.engine.worker import WORKER_FAILED, EngineLoop
 
 log = logging.getLogger("xllm.engine")
@@ -212,6 +214,8 @@ class EngineProcess(AdmissionControl):
             handle = self.settle(key) if final else self.handle(key)
             if handle is not None:
                 handle.push(event)
+        elif kind == "dropped":  # cancelled: no final event comes
+            self.settle(item[1])
         elif kind == "dead":
             self._died(RuntimeError(item[1]))
 
@@ -268,6 +272,21 @@ class _ChildHandle:
         if isinstance(event, (FinishEvent, ErrorEvent)):
             self._on_final(self.key)
         self._outbox.post(("event", self.key, event), wake=False)
+
+    def dropped(self) -> None:
+        """The loop dropped the cancelled request: the API side gives its place back."""
+        self._on_final(self.key)
+        self._outbox.post(("dropped", self.key), wake=False)
+
+
+class _ChildLoop(EngineLoop):
+    """The loop in the engine process: a request it ends without an event (cancelled) is
+    reported, since the API side counts the request's place until it hears of its end."""
+
+    def _ended(self, sequence: Sequence, event: FinishEvent | ErrorEvent | None) -> None:
+        if event is None:
+            assert isinstance(sequence.handle, _ChildHandle)
+            sequence.handle.dropped()
 
 
 class _ForwardingObserver(EngineObserver):
@@ -361,7 +380,7 @@ def _obey(
     return True
 
 
-def _load_engine(spec: EngineSpec, outbox: _Outbox) -> EngineLoop:
+def _load_engine(spec: EngineSpec, outbox: _Outbox) -> _ChildLoop:
     import torch
 
     from xllm.model.checkpoint import load_model
@@ -374,7 +393,7 @@ def _load_engine(spec: EngineSpec, outbox: _Outbox) -> EngineLoop:
         dtype=spec.dtype,
         quantize=spec.quantize,  # type: ignore[arg-type]
     )
-    return EngineLoop(model, spec.config, _ForwardingObserver(outbox), on_report=outbox.flush)
+    return _ChildLoop(model, spec.config, _ForwardingObserver(outbox), on_report=outbox.flush)
 
 
 def _stamp_heartbeat(engine: EngineLoop, heartbeat: Any, outbox: _Outbox) -> None:

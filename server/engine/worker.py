@@ -178,13 +178,14 @@ class EngineLoop:
                 self._finish(sequence)
 
     def _finish(self, sequence: Sequence, event: FinishEvent | ErrorEvent | None = None) -> None:
+        """End a sequence: with its final event, or with none (cancelled: nobody listens)."""
         self.scheduler.finish(sequence)
-        self._ended(sequence)  # before the event: whoever sees the end sees the place released
+        self._ended(sequence, event)  # before the event: whoever sees the end sees the place free
         if event is not None:
             sequence.handle.push(event)
 
-    def _ended(self, sequence: Sequence) -> None:
-        """A sequence left the engine (its final event, if any, follows)."""
+    def _ended(self, sequence: Sequence, event: FinishEvent | ErrorEvent | None) -> None:
+        """A sequence left the loop; `event`, its final one, follows (None: cancelled)."""
 
     def _fail(self, failure: Failure) -> None:
         if failure.sequences:
@@ -308,7 +309,7 @@ class Engine(AdmissionControl, EngineLoop):
         """Hand a reserved request to the loop; its events arrive on `handle`."""
         EngineLoop.submit(self, request, handle, self.track(handle))
 
-    def _ended(self, sequence: Sequence) -> None:
+    def _ended(self, sequence: Sequence, event: FinishEvent | ErrorEvent | None) -> None:
         self.settle(sequence.key)
 
     def shutdown(self) -> None:

@@ -141,3 +141,40 @@ def test_a_model_the_engine_process_cannot_load_is_a_clear_503(
     r = httpx.post(f"{server.url}/chat", data={"prompt": "hi"})
     assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
     assert "model ready" not in server.log_text()
+
+
+def test_a_cancelled_request_gives_its_place_back(tiny_model_dir):
+    """A client that leaves mid-stream frees its place on this side too: the engine process
+    says when it dropped the request (without it every disconnect would hold a place for good,
+    and the server would end up answering 429 to everyone)."""
+    import asyncio
+
+    from tests.servers import wait_until
+    from xllm.model.prompt import bind_media
+    from xllm.model.sampling import SamplingParams
+    from xllm.server.engine.config import EngineConfig
+    from xllm.server.engine.events import EngineRequest, RequestHandle, TokenEvent
+    from xllm.server.engine.process import EngineProcess, EngineSpec
+
+    config = EngineConfig(max_batch=1, max_queue=0, max_model_len=256)
+    engine = EngineProcess(EngineSpec(tiny_model_dir, "cpu", "auto", "none", config, 1, "text"))
+    engine.start()
+
+    async def stream_then_leave() -> None:
+        engine.reserve()
+        handle = RequestHandle("leaves", asyncio.get_running_loop())
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        messages = bind_media([("user", "go on")], [])
+        engine.submit(EngineRequest("leaves", messages, [], params, True), handle)
+        assert isinstance(await handle.next_event(), TokenEvent)
+        handle.cancel()
+        await asyncio.to_thread(
+            wait_until, lambda: engine.num_in_system == 0, what="the place to be given back"
+        )
+
+    try:
+        asyncio.run(stream_then_leave())
+        engine.reserve()  # the one place is free again
+        engine.release()
+    finally:
+        engine.shutdown()
