@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from xllm.model.encoders.vision import VisionEncoder, load_prefixed_state_dict
 from xllm.model.llm import Quantize, load_llm, pick_device, pick_dtype
 from xllm.model.xllm import XLLM
 
-log = logging.getLogger(__name__)
 
 
 def load_model(
@@ -94,15 +92,6 @@ def load_interfaces(model: XLLM, path: Path) -> None:
             raise ModelConfigError(
                 f"{path}: '{name}' does not match xllm.json: {str(exc).splitlines()[-1].strip()}"
             ) from None
-        if name == "video_interface" and _only_video_qformer_missing(missing, unexpected):
-            # Saved before video had a Q-Former of its own, when it ran the image one: a copy of
-            # the image Q-Former (loaded just before) gives the same video tokens.
-            assert model.image_interface is not None and model.video_interface is not None
-            model.video_interface.qformer.load_state_dict(
-                model.image_interface.qformer.state_dict()
-            )
-            log.info("%s: no video Q-Former (an older checkpoint); video uses the image one", path)
-            continue
         if missing or unexpected:
             raise ModelConfigError(
                 f"{path}: '{name}' missing keys {missing[:5]}, unexpected {unexpected[:5]}"
@@ -110,10 +99,6 @@ def load_interfaces(model: XLLM, path: Path) -> None:
     extra = sorted({k.split(".")[0] for k in state} - set(modules))
     if extra:
         raise ModelConfigError(f"{path}: weights for {extra}, which xllm.json does not configure")
-
-
-def _only_video_qformer_missing(missing: list[str], unexpected: list[str]) -> bool:
-    return bool(missing) and not unexpected and all(k.startswith("qformer.") for k in missing)
 
 
 def load_blip2_qformer(model: XLLM, path: Path) -> None:

@@ -107,6 +107,14 @@ class MediaPreparer:
             return {}
         return {"fps": interface.video_fps, "max_frames": interface.max_frames}
 
+    def check_kind(self, kind: str) -> None:
+        """The one rule for which media a model takes: ValueError naming what it does take."""
+        if kind not in self.modalities:
+            raise ValueError(
+                f"this model does not take {kind} input "
+                f"(it takes: {', '.join(self.modalities) or 'text only'})"
+            )
+
     def prepare_bytes(
         self,
         kind: Modality,
@@ -118,9 +126,10 @@ class MediaPreparer:
         """Untrusted bytes of `kind` -> `PreparedMedia`, with the seconds each stage took.
 
         `video_audio=False` leaves a video's audio track out (training stage 2 sees frames only).
-        Raises `MediaError` for bytes that do not decode within `limits`, and `ValueError` for a
-        kind this model does not take (checked after decoding, as `prepare` does).
+        Raises `ValueError` for a kind this model does not take (before decoding anything), and
+        `MediaError` for bytes that do not decode within `limits`.
         """
+        self.check_kind(kind)
         start = time.perf_counter()
         if kind == "image":
             decoded: Image.Image | np.ndarray | DecodedVideo = decode_image(data, limits)
@@ -141,6 +150,7 @@ class MediaPreparer:
         video_audio: bool = True,
     ) -> PreparedMedia:
         """`prepare_bytes` for a local file; its `MediaError`s name the path."""
+        self.check_kind(kind)
         start = time.perf_counter()
         decoded = load_media_file(path, kind, limits, **self.video_sampling)
         return self._prepare_timed(kind, decoded, start, video_audio)
@@ -164,11 +174,7 @@ class MediaPreparer:
         self, kind: Modality, media: Image.Image | np.ndarray | DecodedVideo
     ) -> PreparedMedia:
         """Decoded media -> `PreparedMedia` (untimed; `prepare_bytes` is the way in from bytes)."""
-        if kind not in self.modalities:
-            raise ValueError(
-                f"this model does not take {kind} input "
-                f"(it takes: {', '.join(self.modalities) or 'text only'})"
-            )
+        self.check_kind(kind)
         if kind == "image":
             assert isinstance(media, Image.Image)
             return PreparedMedia(

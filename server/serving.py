@@ -20,17 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from xllm.model.config import Modality
 from xllm.model.media import (
-    DecodedVideo,
     MediaError,
     MediaLimits,
-    decode_audio,
-    decode_image,
-    decode_video,
 )
 from xllm.model.preprocess import MediaPreparer, PreparedMedia
 from xllm.model.prompt import PromptError, bind_media
@@ -268,6 +261,11 @@ class ChatService:
             )
         except PromptError as exc:
             raise ServingError(str(exc), 400) from None
+        for item in chat.media:  # before a place is taken or a byte decoded
+            try:
+                self.preparer.check_kind(item.kind)
+            except ValueError as exc:
+                raise ServingError(str(exc), 400) from None
         try:
             self.engine.reserve()
         except EngineFull as exc:
@@ -359,24 +357,10 @@ class ChatService:
             return list(await asyncio.gather(*jobs))
         except MediaError as exc:
             raise ServingError(exc.message, exc.status) from None
-        except ValueError as exc:  # the preparer's: a kind of media this model does not take
-            raise ServingError(str(exc), 400) from None
 
     def _decode_one(self, item: MediaInput) -> PreparedMedia:
-        limits = self.limits.media
-        start = time.perf_counter()
-        decoded: Image.Image | np.ndarray | DecodedVideo
-        if item.kind == "image":
-            decoded = decode_image(item.data, limits)
-        elif item.kind == "audio":
-            decoded = decode_audio(item.data, limits)
-        else:
-            ic = self.preparer.config.image_interface
-            assert ic is not None
-            decoded = decode_video(item.data, limits, fps=ic.video_fps, max_frames=ic.max_frames)
-        decoded_at = time.perf_counter()
-        prepared = self.preparer.prepare(item.kind, decoded)
-        self.metrics.media_stages(item.kind, decoded_at - start, time.perf_counter() - decoded_at)
+        prepared = self.preparer.prepare_bytes(item.kind, item.data, self.limits.media)
+        self.metrics.media_stages(item.kind, prepared.decode_seconds, prepared.preprocess_seconds)
         return prepared
 
     # --- OpenAI request -> ChatInput ---

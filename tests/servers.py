@@ -102,7 +102,8 @@ class ServerProcess:
 
     def engine_pid(self) -> int:
         """The engine process's pid, from the server's "model ready" log line."""
-        lines = [json.loads(line) for line in self.log_text().splitlines() if "model ready" in line]
+        log = self.log_text(whole=True)
+        lines = [json.loads(line) for line in log.splitlines() if "model ready" in line]
         assert lines and lines[0]["engine"] == "process", self.log_text()
         return lines[0]["engine_pid"]
 

@@ -181,26 +181,3 @@ def test_cuda_bf16_pipeline(tiny_model_dir: Path, media) -> None:
     embeds = model.prompt_embeddings([("user", "hi")], []).embeds
     deltas = list(generate(model.llm, model.tokenizer, embeds, SamplingParams(max_tokens=8)))
     assert 1 <= len(deltas) <= 8
-
-
-def test_a_checkpoint_from_before_the_video_qformer_loads_with_the_image_one(
-    model_copy: Path,
-) -> None:
-    """Older checkpoints have no `video_interface.qformer.*`: video ran the image Q-Former then,
-    and a copy of it gives the same video tokens."""
-    from safetensors.torch import load_file, save_file
-
-    path = model_copy / INTERFACES_NAME
-    state = load_file(str(path))
-    old = {k: v for k, v in state.items() if not k.startswith("video_interface.qformer.")}
-    assert len(old) < len(state)
-    save_file(old, str(path))
-    model = load_model(model_copy, device="cpu")
-    video = model.video_interface.qformer.state_dict()
-    for key, value in model.image_interface.qformer.state_dict().items():
-        torch.testing.assert_close(video[key], value, rtol=0, atol=0)
-    # Anything else missing is still an error.
-    del old["video_interface.projection.weight"]
-    save_file(old, str(path))
-    with pytest.raises(ModelConfigError, match="video_interface"):
-        load_model(model_copy, device="cpu")
