@@ -24,7 +24,6 @@ from xllm.model.llm import Quantize, load_llm, pick_device, pick_dtype
 from xllm.model.xllm import XLLM
 
 
-
 def load_model(
     model_dir: str | Path,
     *,
