@@ -1,4 +1,6 @@
-"""`xllm serve` as a real subprocess for tests: start, wait until ready, read metrics, stop."""
+"""The test harnesses: `xllm serve` as a real subprocess (ServerProcess), the app under uvicorn in
+a thread of the test process (InProcessServer: a test can reach into its engine), one wait helper
+and one metrics reader."""
 
 from __future__ import annotations
 
@@ -8,11 +10,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import uvicorn
+
+from tests.server.faults import inject_faults
+from xllm.server.app import create_app
+from xllm.server.serve import DrainingServer
+from xllm.server.settings import Settings
 
 
 def free_port() -> int:
@@ -117,3 +126,61 @@ class ServerProcess:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+class InProcessServer:
+    """The app (given an already loaded model) under uvicorn in a thread, on 127.0.0.1."""
+
+    def __init__(self, model, *, watchdog: bool = True, **settings) -> None:
+        settings.setdefault("api_key", None)  # an XLLM_API_KEY in the environment must not leak in
+        self.settings = Settings(host="127.0.0.1", **settings)
+        self.app = create_app(self.settings, model=model)
+        self.runtime = self.app.state.runtime
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            timeout_graceful_shutdown=1,
+        )
+        self.server = DrainingServer(config, self.runtime)
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+        self.watchdog = threading.Thread(
+            target=self.server.watch_worker, name="test-watchdog", daemon=True
+        )
+        self._watch = watchdog
+
+    @property
+    def engine(self):
+        return self.runtime.engine
+
+    def start_watchdog(self) -> None:
+        self.watchdog.start()
+
+    def __enter__(self) -> InProcessServer:
+        self.thread.start()
+        if self._watch:
+            self.start_watchdog()
+        wait_until(self._ready, 60, "the in-process server to be ready")
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def metric(self, name: str, **labels: str) -> float:
+        return read_metric(httpx.get(f"{self.url}/metrics", timeout=5).text, name, **labels)
+
+    def __exit__(self, *exc) -> None:
+        if self.engine is not None:
+            inject_faults(self.engine, None)
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def wait_exit(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()

@@ -131,7 +131,7 @@ async def chat(
     chat_input = ChatInput(_turns(prompt, messages), media, overrides, request_id)
     if stream:
         generation = await until_disconnected(request, service.start(chat_input))
-        return StreamingResponse(_sse(generation), media_type="text/event-stream")
+        return StreamingResponse(chat_event_stream(generation), media_type="text/event-stream")
     return await until_disconnected(request, _complete(service, chat_input))
 
 
@@ -146,7 +146,8 @@ async def _complete(service: ChatService, chat_input: ChatInput) -> ChatReply:
     )
 
 
-async def _sse(generation: Generation) -> AsyncIterator[str]:
+async def chat_event_stream(generation: Generation) -> AsyncIterator[str]:
+    """The /chat stream's SSE body: events already waiting go out in one write, then [DONE]."""
     try:
         async for batch in generation.event_batches():
             chunk = "".join(_sse_event(generation.request_id, event) for event in batch)

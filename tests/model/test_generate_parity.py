@@ -11,32 +11,35 @@ from xllm.model.checkpoint import load_model
 from xllm.model.detokenize import IncrementalDetokenizer, SequenceState, eos_token_ids
 from xllm.model.generate import CompileOptions, SlotDecoder, generate, prefill
 from xllm.model.kv_cache import SlotKVCache
-from xllm.model.prompt import bind_media
 from xllm.model.sampling import SamplingParams, sample_next, sampling_params
+from xllm.model.xllm import PromptEmbeddings
 
 STEPS = 24
 
 
-def multimodal_prompt(model, media, text: str, seed: int, audio_seconds: float) -> torch.Tensor:
-    """(L, H) prompt embeddings with an image and an audio clip spliced in."""
+def multimodal_prompt(model, media, text: str, seed: int, audio_seconds: float) -> PromptEmbeddings:
+    """A prompt with an image and an audio clip spliced in (embeddings (L, H))."""
     items = [
         model.prepare("image", media.image(seed=seed)),
         model.prepare("audio", media.waveform(audio_seconds, seed=seed)),
     ]
     with torch.inference_mode():
-        encoded = model.encode(items)
-        layout = model.layout(bind_media([("user", text)], ["image", "audio"]), encoded)
-        assert [s[1] for s in layout.spans] == [t.shape[0] for e in encoded for _, t in e]
-        return model.embed(layout, encoded)
+        return model.prompt_embeddings([("user", text)], items)
 
 
 @pytest.fixture(scope="module")
-def prompts(tiny_model, media_dir) -> list[torch.Tensor]:
+def multimodal_prompts(tiny_model, media_dir) -> list[PromptEmbeddings]:
     return [
         multimodal_prompt(tiny_model, media_dir, "What is in <image>? Hear <audio>.", 0, 1.0),
         multimodal_prompt(tiny_model, media_dir, "Describe the picture.", 1, 0.4),
         multimodal_prompt(tiny_model, media_dir, "Hello!", 2, 0.2),
     ]
+
+
+@pytest.fixture(scope="module")
+def prompts(multimodal_prompts) -> list[torch.Tensor]:
+    """The prompts' embeddings (L, H), as `generate` takes them."""
+    return [p.embeds for p in multimodal_prompts]
 
 
 def hf_greedy(llm, embeds: torch.Tensor, steps: int = STEPS, **kwargs) -> list[int]:
@@ -57,9 +60,23 @@ def ours(model, embeds: torch.Tensor, **kwargs) -> list:
     return list(generate(model.llm, model.tokenizer, embeds, SamplingParams(**kwargs)))
 
 
-def test_prompts_differ_and_media_are_in_them(prompts) -> None:
-    assert len({p.shape[0] for p in prompts}) == 3
-    assert all(p.shape[1] == 64 for p in prompts)
+def test_prompts_differ_and_media_are_in_them(tiny_model, multimodal_prompts) -> None:
+    assert len({len(p) for p in multimodal_prompts}) == 3
+    table = tiny_model.llm.get_input_embeddings().weight
+    for prompt in multimodal_prompts:
+        assert prompt.embeds.shape[1] == table.shape[1]
+        spans = prompt.layout.spans
+        assert [length for _, length, _, _ in spans] == [
+            t.shape[0] for item in prompt.encoded for _, t in item
+        ]
+        spliced = torch.zeros(len(prompt), dtype=torch.bool)
+        for start, length, media, segment in spans:
+            # The interface's output itself stands at the span, not a token's embedding.
+            _, vectors = prompt.encoded[media][segment]
+            torch.testing.assert_close(prompt.embeds[start : start + length], vectors.to(table))
+            spliced[start : start + length] = True
+        ids = torch.tensor(prompt.layout.token_ids)
+        torch.testing.assert_close(prompt.embeds[~spliced], table[ids[~spliced]])
 
 
 # HF then penalises only generated tokens, which is what xllm does (the prompt is embeddings).

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from tests.media import make_mp4, make_png, make_wav
-from tests.server.test_reliability import InProcessServer, assert_error
+from tests.server.test_reliability import assert_error
+from tests.servers import InProcessServer
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_EXAMPLES = 40  # per operation: with negative and coverage cases ~600 requests, ~25 s

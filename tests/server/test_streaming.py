@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from xllm.server.engine.events import FinishEvent, RequestHandle, TokenEvent, Usage
-from xllm.server.routers.chat import _sse
+from xllm.server.routers.chat import chat_event_stream
 from xllm.server.serving import Generation
 
 
@@ -18,7 +18,7 @@ def test_waiting_events_are_written_together_and_each_keeps_its_line():
             handle.push(TokenEvent(text, token))
         handle.push(FinishEvent("length", "d", Usage(5, 5)))
         await asyncio.sleep(0)  # the mailbox delivers the burst
-        return [chunk async for chunk in _sse(generation)]
+        return [chunk async for chunk in chat_event_stream(generation)]
 
     writes = asyncio.run(main())
     assert len(writes) == 3  # the first token, the four waiting events, [DONE]
