@@ -109,7 +109,7 @@ def test_a_hung_engine_process_is_detected_and_the_server_exits_3(fresh_server):
     try:
         # The heartbeat stops: past --stall-timeout the engine counts as wedged, its requests are
         # told and the watchdog exits 3 (within half a second: too soon to poll /ready for the
-        # 503 reliably; test_reliability.py checks that answer with the watchdog held back).
+        # 503 reliably; test_faults.py checks that answer with the watchdog held back).
         stream.join(20)
         error = json.loads(stream.events[-2])["error"]
         assert error["code"] == 503 and "stopped responding" in error["message"]

@@ -2,7 +2,7 @@
 and byte-level mutations of real media files through the decoders. None may give a 5xx.
 
 The server is the real app under uvicorn in a thread on a loopback port (see
-test_reliability.InProcessServer), with a small context so that any generated max_tokens ends
+tests/servers.py InProcessServer), with a small context so that any generated max_tokens ends
 quickly. Every case is bounded in time and count.
 """
 
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.media import make_mp4, make_png, make_wav
-from tests.server.test_reliability import assert_error
+from tests.server.reliability import assert_error
 from tests.servers import InProcessServer
 
 ROOT = Path(__file__).resolve().parents[2]
