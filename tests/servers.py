@@ -87,17 +87,18 @@ class ServerProcess:
         )
 
     def wait_ready(self, timeout: float = 60, expect: int = 200) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited {self.process.returncode}:\n{self.log_text()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == expect:
-                    return
+                return httpx.get(f"{self.url}/ready", timeout=2).status_code == expect
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready:\n{self.log_text()}")
+                return False
+
+        try:
+            wait_until(ready, timeout, f"/ready {expect}", interval=0.2)
+        except AssertionError as exc:
+            raise TimeoutError(f"{exc}:\n{self.log_text()}") from None
 
     def log_text(self, whole: bool = False) -> str:
         """The server's log so far (its last 5,000 characters unless `whole`)."""

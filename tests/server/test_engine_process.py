@@ -11,26 +11,28 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, wait_until
+
+
+def exited(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"  # exited, not yet reaped by its parent
 
 
 def gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":  # exited, not yet reaped by its parent
-            return True
-        time.sleep(0.05)
-    return False
+    try:
+        wait_until(lambda: exited(pid), timeout, f"process {pid} to exit")
+    except AssertionError:
+        return False
+    return True
 
 
 class Stream(threading.Thread):
@@ -50,10 +52,7 @@ class Stream(threading.Thread):
             self.events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
 
     def wait_running(self, server: ServerProcess) -> None:
-        deadline = time.monotonic() + 20
-        while server.metric("xllm_num_requests_running") < 1:
-            assert time.monotonic() < deadline, server.log_text()
-            time.sleep(0.01)
+        wait_until(lambda: server.metric("xllm_num_requests_running") >= 1, what="the stream")
 
 
 @pytest.fixture
@@ -131,13 +130,14 @@ def test_a_model_the_engine_process_cannot_load_is_a_clear_503(
     for weights in (broken / "llm").glob("*.safetensors"):
         weights.write_bytes(b"not safetensors")
     server = start_server(model_dir=broken, ready=None)
-    deadline = time.monotonic() + 60
-    status = "loading"
-    while status == "loading" and time.monotonic() < deadline:
-        time.sleep(0.2)
+
+    def status() -> str:
         with contextlib.suppress(httpx.HTTPError):  # not listening yet
-            status = httpx.get(f"{server.url}/ready").json()["status"]
-    assert status.startswith("model failed to load"), status
+            return httpx.get(f"{server.url}/ready").json()["status"]
+        return "loading"
+
+    wait_until(lambda: status() != "loading", 60, "the load to end")
+    assert status().startswith("model failed to load"), status()
     r = httpx.post(f"{server.url}/chat", data={"prompt": "hi"})
     assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
     assert "model ready" not in server.log_text()
