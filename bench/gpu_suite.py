@@ -315,18 +315,12 @@ def hf_decode(model, batch: int, sizes: Sizes, clock: Clock) -> dict[str, Any]:
 
 
 class StepRecorder:
-    """An EngineObserver (duck-typed: this script imports xllm late, see ensure_importable) that
-    keeps (time, running) at every worker iteration; the other hooks do nothing."""
+    """Keeps (time, running) at every worker iteration: the `step` hook of an EngineObserver
+    (`step_recorder()` adds the others, which do nothing; this script imports xllm late, see
+    ensure_importable)."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[float, int]] = []
-
-    def queue_time(self, seconds: float) -> None: ...
-    def first_token(self, seconds: float) -> None: ...
-    def inter_token(self, seconds: float) -> None: ...
-    def encoder_time(self, modality: str, seconds: float) -> None: ...
-    def request_done(self, seconds: float) -> None: ...
-    def tokens(self, prompt: int, generated: int) -> None: ...
 
     def step(self, running: int, waiting: int, kv_usage: float) -> None:
         self.steps.append((time.perf_counter(), running))
@@ -424,6 +418,15 @@ async def settle(engine) -> None:
     """Wait until the engine holds no request (cancelled ones included) before the loop closes."""
     if not await asyncio.to_thread(engine.join, 60):
         raise RuntimeError("the engine still holds requests after 60 s")
+
+
+def step_recorder() -> StepRecorder:
+    from xllm.server.engine.contract import EngineObserver
+
+    class Recorder(StepRecorder, EngineObserver):
+        pass
+
+    return Recorder()
 
 
 def engine_throughput(engine, recorder: StepRecorder, sizes: Sizes) -> dict[str, Any]:
@@ -748,7 +751,7 @@ class Suite:
         """Aggregate throughput of N streams, then image TTFT under load, through one Engine
         (one set of compiled graphs for both)."""
         model, sizes = self._model, self.sizes
-        recorder = StepRecorder()
+        recorder = step_recorder()
         slots = max(sizes.throughput_streams, sizes.ttft_streams + 2)
         engine = make_engine(model, slots, sizes.ctx, recorder, compile, self.args.compile_backend)
         engine.start()
