@@ -94,41 +94,41 @@ class JudgeStandIn:
                     judge.starts.append(time.monotonic())
                     judge.in_flight += 1
                     judge.max_in_flight = max(judge.max_in_flight, judge.in_flight)
-                try:
-                    time.sleep(judge.delay)
-                    if self.path != "/v1/chat/completions":
-                        self._send(404, {"error": {"message": "not found"}})
-                    elif judge.status is not None:
-                        self._send(judge.status, {"error": {"message": "refused"}})
-                    elif number <= judge.busy:
-                        self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
-                    elif number <= judge.busy + judge.errors:
-                        self._send(500, {"error": {"message": "oops"}})
-                    else:
-                        text = judge.review(body["messages"][-1]["content"])
-                        self._send(
-                            200,
-                            {
-                                "id": f"chatcmpl-{number}",
-                                "object": "chat.completion",
-                                "created": 0,
-                                "model": body.get("model", "judge"),
-                                "choices": [
-                                    {
-                                        "index": 0,
-                                        "message": {"role": "assistant", "content": text},
-                                        "finish_reason": "stop",
-                                    }
-                                ],
-                                "usage": {
-                                    "prompt_tokens": 1,
-                                    "completion_tokens": 1,
-                                    "total_tokens": 2,
-                                },
+                time.sleep(judge.delay)
+                # Out of flight before the answer is written: the client may send its next
+                # request the moment it reads this one, before this thread runs on.
+                with judge._lock:
+                    judge.in_flight -= 1
+                if self.path != "/v1/chat/completions":
+                    self._send(404, {"error": {"message": "not found"}})
+                elif judge.status is not None:
+                    self._send(judge.status, {"error": {"message": "refused"}})
+                elif number <= judge.busy:
+                    self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+                elif number <= judge.busy + judge.errors:
+                    self._send(500, {"error": {"message": "oops"}})
+                else:
+                    text = judge.review(body["messages"][-1]["content"])
+                    self._send(
+                        200,
+                        {
+                            "id": f"chatcmpl-{number}",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": body.get("model", "judge"),
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": text},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                            "usage": {
+                                "prompt_tokens": 1,
+                                "completion_tokens": 1,
+                                "total_tokens": 2,
                             },
-                        )
-                finally:
-                    with judge._lock:
-                        judge.in_flight -= 1
+                        },
+                    )
 
         return Handler

@@ -107,7 +107,8 @@ def test_nan_logits_and_runaway_sampling_parameters_fail_only_their_request(busy
             )
             bad = [
                 {"temperature": "1e-320"},
-                {"temperature": "1", "repetition_penalty": "1e-300"},  # fails at token 2, mid-batch
+                # Fails at token 2, mid-batch; min_tokens keeps a sampled EOS from ending it first.
+                {"temperature": "1", "repetition_penalty": "1e-300", "min_tokens": "4"},
             ]
             for params in bad:
                 r = await client.post("/chat", data={"prompt": "x", "max_tokens": "4", **params})

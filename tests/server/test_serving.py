@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from tests.media import make_wav
-from xllm.model.config import SamplingDefaults
 from xllm.model.media import MediaLimits
+from xllm.model.preprocess import MediaPreparer
 from xllm.server.errors import ServingError
 from xllm.server.serving import ChatInput, ChatService, MediaInput, ServingLimits
 
 
-class VisionOnlyPreparer:
-    """A preparer whose model takes no audio: its `prepare` refuses, as MediaPreparer's does."""
-
-    config = SimpleNamespace(sampling=SamplingDefaults(), image_interface=None, name="vision")
-    modalities = ("image", "video")
-
-    def prepare(self, kind, media):
-        raise ValueError(f"this model does not take {kind} input (it takes: image, video)")
-
-
 class Places:
-    """Just the engine's admission: counts the places claimed and given back."""
+    """Just the engine's admission: counts the places ever claimed."""
 
     max_model_len = 1024
     config = SimpleNamespace(max_batch=1)
@@ -38,15 +29,26 @@ class Places:
     def reserve(self) -> None:
         self.claimed += 1
 
-    def release(self) -> None:
-        self.claimed -= 1
+    def release(self) -> None: ...
 
 
-def test_a_kind_the_model_does_not_take_is_the_preparers_400_and_frees_its_place():
+def test_a_kind_the_model_does_not_take_is_refused_before_a_place_or_a_decode(
+    tiny_model_dir: Path,
+) -> None:
+    full = MediaPreparer.from_pretrained(tiny_model_dir)
+    vision_only = MediaPreparer(full.config, full.image_processor, None)  # hears no audio
+    decoded: list[str] = []
+    prepare_bytes = vision_only.prepare_bytes
+
+    def spy(kind, data, *args, **kwargs):
+        decoded.append(kind)
+        return prepare_bytes(kind, data, *args, **kwargs)
+
+    vision_only.prepare_bytes = spy  # type: ignore[method-assign]
     engine = Places()
     with ThreadPoolExecutor(1) as executor:
         service = ChatService(
-            VisionOnlyPreparer(),  # type: ignore[arg-type]
+            vision_only,
             engine,  # type: ignore[arg-type]
             ServingLimits(MediaLimits()),
             executor,
@@ -61,4 +63,4 @@ def test_a_kind_the_model_does_not_take_is_the_preparers_400_and_frees_its_place
             asyncio.run(service.start(chat))
     assert refused.value.status == 400
     assert "does not take audio input" in refused.value.message
-    assert engine.claimed == 0
+    assert engine.claimed == 0 and decoded == []  # no place taken, not a byte decoded
