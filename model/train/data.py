@@ -21,6 +21,7 @@ in the same order, and a resumed run skips exactly the batches already consumed.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections import Counter
@@ -313,11 +314,22 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+class _ForkingLoader(DataLoader):
+    """Collects the parent's garbage before its workers are forked: a forked child inherits
+    it, and when the child's collector then frees an inherited PyAV container, FFmpeg waits on
+    codec threads that do not exist in the child (a hang)."""
+
+    def __iter__(self):  # type: ignore[override]
+        if self.num_workers > 0:
+            gc.collect()
+        return super().__iter__()
+
+
 def make_loader(
     dataset: MediaDataset, batches: Iterable[list[int]], workers: int, seed: int
 ) -> DataLoader:
     """A loader over planned batches; workers decode ahead of the training loop."""
-    return DataLoader(
+    return _ForkingLoader(
         dataset,
         batch_sampler=batches,
         num_workers=workers,
