@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from xllm import __version__
 
@@ -54,14 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(name: str, run: Callable[[], int | None]) -> int:
+    """Run a command: user errors become one line and exit code 2, Ctrl-C exit code 130."""
     try:
-        return int(args.func(args) or 0)
+        return int(run() or 0)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         if isinstance(exc, user_error_types()):
-            print(f"xllm {args.command}: error: {exc}", file=sys.stderr)
+            print(f"xllm {name}: error: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.command, lambda: args.func(args))

@@ -6,12 +6,11 @@ torchrun --nproc_per_node 8 -m xllm.train --stage 2 --modality image --model M -
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from xllm.main import user_error_types
+    from xllm.main import run_command
     from xllm.model.train.cli import add_train_arguments, run_train
 
     parser = argparse.ArgumentParser(
@@ -19,15 +18,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_train(args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        if isinstance(exc, user_error_types()):
-            print(f"xllm train: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    return run_command("train", lambda: run_train(args))
 
 
 if __name__ == "__main__":
