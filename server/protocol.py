@@ -33,18 +33,36 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class PromptTokensDetails(BaseModel):
+    """Where the prompt's positions went: OpenAI's `cached_tokens` and `audio_tokens`, and
+    xllm's `image_tokens` / `video_tokens` (positions filled by media embeddings, by kind)."""
+
+    cached_tokens: int = Field(0, description="positions whose K/V were reused, not computed")
+    audio_tokens: int = Field(0, description="speech embeddings (a video's sound track too)")
+    image_tokens: int = Field(0, description="image embeddings (xllm)")
+    video_tokens: int = Field(0, description="video frame embeddings (xllm)")
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
     def of(cls, usage: Any) -> UsageInfo:
-        """From the engine's Usage (prompt_tokens, completion_tokens, total_tokens)."""
+        """From the engine's Usage (token counts, cached positions, media positions by kind)."""
+        media = usage.media_tokens
         return cls(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=usage.cached_tokens,
+                audio_tokens=media.get("audio", 0),
+                image_tokens=media.get("image", 0),
+                video_tokens=media.get("video", 0),
+            ),
         )
 
 

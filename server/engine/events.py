@@ -32,10 +32,26 @@ class EngineRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt positions whose K/V were reused, not computed (prefix reuse)
+    # prompt positions filled by media embeddings, by the kind of their span ("image", "audio",
+    # "video"; a video's sound track counts as audio)
+    media_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        """The usage of two requests together (the choices of one reply)."""
+        media = dict(self.media_tokens)
+        for kind, count in other.media_tokens.items():
+            media[kind] = media.get(kind, 0) + count
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.cached_tokens + other.cached_tokens,
+            media,
+        )
 
 
 class TokenLogprobs(NamedTuple):

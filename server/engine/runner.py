@@ -61,6 +61,15 @@ class SampleOutcome:
     events: list[tuple[Sequence, TokenEvent | FinishEvent]] = field(default_factory=list)
 
 
+def media_tokens(layout: PromptLayout, media: list[EncodedMedia]) -> dict[str, int]:
+    """The prompt positions each media kind fills (its spans' lengths, by segment kind)."""
+    counts: dict[str, int] = {}
+    for _, length, index, segment in layout.spans:
+        kind = media[index][segment][0]
+        counts[kind] = counts.get(kind, 0) + length
+    return counts
+
+
 class ModelRunner:
     def __init__(
         self, model: XLLM, config: EngineConfig, max_model_len: int, observer: EngineObserver
@@ -143,6 +152,7 @@ class ModelRunner:
             first = TokenLogprobs(self.token_bytes(layout.token_ids[0]), None, ())
             sequence.prompt_entries = [first]
         sequence.prompt_len = prompt_len
+        sequence.media_tokens = media_tokens(layout, media)
         self.observer.tokens(prompt_len, 0)
         return None
 
@@ -216,7 +226,12 @@ class ModelRunner:
                 sequence.next_token = token
                 outcome.events.append((sequence, TokenEvent(text, token, logprobs)))
                 continue
-            usage = Usage(sequence.prompt_len, len(state.tokens))
+            usage = Usage(
+                sequence.prompt_len,
+                len(state.tokens),
+                sequence.cached_tokens,
+                sequence.media_tokens,
+            )
             self.observer.tokens(0, len(state.tokens))
             self.observer.request_done(now - sequence.request.arrival)
             event = FinishEvent(state.finish_reason, text, usage, logprobs)

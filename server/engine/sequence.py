@@ -45,6 +45,10 @@ class Sequence:
     generator: torch.Generator | None = None
     next_token: int | None = None  # sampled, not yet written into the cache
     last_token_at: float = 0.0
+    # usage details of its prompt: positions per media kind (set once it is laid out), and the
+    # positions whose K/V were reused rather than prefilled
+    media_tokens: dict[str, int] = field(default_factory=dict)
+    cached_tokens: int = 0
     # request.prompt_logprobs only: the prompt's ids and its tokens' logprobs so far
     prompt_ids: list[int] | None = None
     prompt_entries: list[TokenLogprobs] = field(default_factory=list)

@@ -15,6 +15,7 @@ from xllm.server.engine.events import (
     FinishEvent,
     PromptLogprobsEvent,
     TokenLogprobs,
+    Usage,
 )
 from xllm.server.protocol import (
     CompletionChoice,
@@ -74,22 +75,12 @@ async def _complete(
                 logprobs=logprobs,
             )
         )
-    prompt_tokens = sum(c.usage.prompt_tokens for c in done)
-    completion_tokens = sum(c.usage.completion_tokens for c in done)
     return TextCompletion(
         id=inputs[0].request_id,
         created=created,
         model=service.model_name,
         choices=choices,
-        usage=_usage(prompt_tokens, completion_tokens),
-    )
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
+        usage=UsageInfo.of(sum((c.usage for c in done), Usage(0, 0))),
     )
 
 
@@ -106,7 +97,7 @@ async def _chunks(
     completion_id = inputs[0].request_id
     pending: list[list[TokenLogprobs]] = [[] for _ in inputs]  # tokens whose text is not out yet
     reported = [b""] * len(inputs)  # per choice, the bytes of the tokens reported (text_offset)
-    usage = [0, 0]
+    usage = Usage(0, 0)  # of the choices that ended
 
     def chunk(index: int, text: str, finish: str | None = None) -> str:
         logprobs = None
@@ -118,6 +109,7 @@ async def _chunks(
         return sse(_body(service, completion_id, created, [choice]).model_dump_json())
 
     def render(index: int, event: Event) -> str:
+        nonlocal usage
         if isinstance(event, ErrorEvent):
             return sse_error(event)
         if isinstance(event, PromptLogprobsEvent):  # echo + logprobs: the prompt's chunk
@@ -126,8 +118,7 @@ async def _chunks(
         if event.logprobs is not None:
             pending[index].append(event.logprobs)
         if isinstance(event, FinishEvent):
-            usage[0] += event.usage.prompt_tokens
-            usage[1] += event.usage.completion_tokens
+            usage += event.usage
             return chunk(index, event.text, event.finish_reason)
         return chunk(index, event.text) if event.text else ""
 
@@ -140,7 +131,7 @@ async def _chunks(
                 yield text
         if include_usage:
             last = _body(service, completion_id, created, [])
-            last.usage = _usage(*usage)
+            last.usage = UsageInfo.of(usage)
             yield sse(last.model_dump_json())
         yield sse("[DONE]")
     finally:
