@@ -47,9 +47,15 @@ def load_model(
         )
     vision = speech = None
     if config.vision is not None:
-        vision = VisionEncoder.from_pretrained(resolve(model_dir, config.vision, "vision"))
+        layers = config.image_interface.vision_layers if config.image_interface else None
+        vision = VisionEncoder.from_pretrained(
+            resolve(model_dir, config.vision, "vision"), layers=layers
+        )
     if config.speech is not None:
-        speech = SpeechEncoder.from_pretrained(resolve(model_dir, config.speech, "speech"))
+        window = config.speech_interface.encoder_window if config.speech_interface else "full"
+        speech = SpeechEncoder.from_pretrained(
+            resolve(model_dir, config.speech, "speech"), window=window
+        )
     if config.image_interface is not None and config.image_interface.init_from:
         blip2 = _resolve_path(model_dir, config.image_interface.init_from)
         config.image_interface.qformer = Blip2Config.from_pretrained(blip2).qformer_config.to_dict()
@@ -134,7 +140,7 @@ def save_interfaces(model: XLLM, out_dir: str | Path, base_dir: str | Path | Non
         base = Path(base_dir).resolve()
         for name in ("llm", "vision", "speech"):
             component = getattr(config, name)
-            if component is not None:
+            if component is not None and component.pretrained is None:
                 setattr(config, name, ComponentPath(str(resolve(base, component, name).resolve())))
         if config.image_interface is not None and config.image_interface.init_from:
             init = _resolve_path(base, config.image_interface.init_from).resolve()

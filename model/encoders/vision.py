@@ -54,8 +54,12 @@ class VisionEncoder(nn.Module):
         return self.model.config.hidden_size
 
     @classmethod
-    def from_pretrained(cls, path: Path) -> VisionEncoder:
-        """Load a saved `Blip2VisionModel`, or the vision tower of a full BLIP-2 checkpoint."""
+    def from_pretrained(cls, path: Path, layers: int | None = None) -> VisionEncoder:
+        """Load a saved `Blip2VisionModel`, or the vision tower of a full BLIP-2 checkpoint.
+
+        `layers`: keep only the first blocks (the later ones are never run); the output is then
+        that block's, through the tower's final LayerNorm.
+        """
         model_type = read_model_type(path)
         if model_type == "blip-2":
             vision_config = Blip2Config.from_pretrained(path).vision_config
@@ -71,6 +75,15 @@ class VisionEncoder(nn.Module):
                 f"{path}: expected a BLIP-2 checkpoint (model_type 'blip-2' or "
                 f"'blip_2_vision_model'), found '{model_type}'"
             )
+        if layers is not None:
+            total = len(model.encoder.layers)
+            if not 1 <= layers <= total:
+                raise ModelConfigError(
+                    f"'image_interface.vision_layers' is {layers}; the tower at {path} has "
+                    f"{total} blocks"
+                )
+            model.encoder.layers = model.encoder.layers[:layers]
+            model.config.num_hidden_layers = layers
         processor = BlipImageProcessorPil.from_pretrained(path)
         return cls(model.eval().requires_grad_(False), processor)
 
