@@ -86,6 +86,14 @@ class SlotKVCache(Cache):
             for layer in buffers:
                 layer[target, :, :length] = layer[source, :, :length]
 
+    def exchange(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Slot a's first length_a positions go to slot b, and b's first length_b to a."""
+        for buffers in (self.keys, self.values):
+            for layer in buffers:
+                held = layer[b, :, :length_b].clone()
+                layer[b, :, :length_a] = layer[a, :, :length_a]
+                layer[a, :, :length_b] = held
+
     def mark_static_addresses(self) -> None:
         """CUDA graphs replay fixed addresses: tell dynamo the buffers never move, so their
         in-place updates stay inside the captured graph."""

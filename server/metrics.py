@@ -68,6 +68,16 @@ class Metrics(EngineObserver):
         )
         self.generated = Counter("xllm_generated_tokens_total", "Tokens generated", registry=r)
         self.prompt = Counter("xllm_prompt_tokens_total", "Prompt positions processed", registry=r)
+        self.prefix_queries = Counter(
+            "xllm_prefix_cache_queries",
+            "Prompt positions looked up in the KV cache (prefix reuse)",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "xllm_prefix_cache_hits",
+            "Prompt positions found in the KV cache, not prefilled again",
+            registry=r,
+        )
         self.requests = Counter(
             "xllm_requests_total", "Finished HTTP requests", ["endpoint", "status"], registry=r
         )
@@ -97,6 +107,10 @@ class Metrics(EngineObserver):
             self.prompt.inc(prompt)
         if generated:
             self.generated.inc(generated)
+
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
 
     def step(self, running: int, waiting: int, kv_usage: float) -> None:
         self.running.set(running)

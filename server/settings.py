@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(512, ge=16, description="prompt positions per prefill step")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
     encoder_cache_mb: int = Field(256, ge=0, description="encoder output cache size in MB")
+    prefix_cache: bool = Field(
+        True,
+        description="reuse the K/V of a prompt's prefix that a KV slot still holds (a finished "
+        "or running request's: earlier turns of a chat, a shared system prompt, the same media) "
+        "instead of computing it again; finished requests' K/V are kept in their free slots "
+        "and given up least recently used first",
+    )
     api_key: SecretStr | None = Field(
         None, description="require 'Authorization: Bearer KEY' on /chat and /v1/*"
     )
@@ -129,6 +136,7 @@ class Settings(BaseSettings):
             prefill_chunk=self.prefill_chunk,
             default_max_tokens=self.default_max_tokens,
             encoder_cache_mb=self.encoder_cache_mb,
+            prefix_cache=self.prefix_cache,
             stall_timeout=self.stall_timeout or None,
             compile=self.compile,
             gpu_memory_utilization=self.gpu_memory_utilization,

@@ -32,6 +32,9 @@ class EngineConfig:
     prefill_chunk: int = 512
     default_max_tokens: int = 512
     encoder_cache_mb: int = 256
+    # Reuse the K/V of a prompt's prefix that a slot still holds (a finished or running
+    # sequence's; server/engine/prefix_cache.py) instead of prefilling it again
+    prefix_cache: bool = True
     stall_timeout: float | None = None  # seconds one iteration may take before "wedged"; None: off
     # torch.compile the decode step (static shapes per batch and kv-length bucket; CUDA graphs
     # on CUDA); None: on for CUDA, off for the CPU (inductor's compile time is not repaid there)

@@ -317,6 +317,9 @@ class _ForwardingObserver(EngineObserver):
     def tokens(self, prompt: int, generated: int) -> None:
         self._forward("tokens", prompt, generated)
 
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        self._forward("prefix_cache", queried, hit)
+
     def step(self, running: int, waiting: int, kv_usage: float) -> None:
         self._forward("step", running, waiting, kv_usage)
 

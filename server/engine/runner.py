@@ -32,6 +32,7 @@ from xllm.server.engine.events import (
     TokenLogprobs,
     Usage,
 )
+from xllm.server.engine.prefix_cache import Copy, prompt_keys
 from xllm.server.engine.scheduler import PrefillChunk
 from xllm.server.engine.sequence import Sequence
 
@@ -153,12 +154,22 @@ class ModelRunner:
             sequence.prompt_entries = [first]
         sequence.prompt_len = prompt_len
         sequence.media_tokens = media_tokens(layout, media)
+        if self.config.prefix_cache:
+            sequence.prompt_keys = prompt_keys(layout, [item.digest for item in request.media])
         self.observer.tokens(prompt_len, 0)
         return None
 
-    def move(self, sequence: Sequence, old_slot: int) -> None:
-        """Compaction: the sequence's K/V follow it to its new slot."""
+    def move(self, sequence: Sequence, old_slot: int, held: int = 0) -> None:
+        """Compaction: the sequence's K/V follow it to its new slot; the first `held` positions
+        of that slot (kept for prefix reuse) go to the old one."""
+        if held:
+            self.cache.exchange(old_slot, sequence.slot, sequence.length, held)
+            return
         self.cache.move(old_slot, sequence.slot, sequence.length)
+
+    def copy(self, copy: Copy) -> None:
+        """Prefix reuse: K/V positions copied from one slot into another."""
+        self.cache.move(copy.source, copy.target, copy.length)
 
     # --- forwards ---
     def prefill(self, run: list[PrefillChunk]) -> torch.Tensor:

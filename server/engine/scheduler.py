@@ -4,6 +4,8 @@ Pure bookkeeping, no tensors and no threads, in the manner of vLLM v1's schedule
 every transition of a sequence's scheduling state. Each engine iteration:
 
     admit()                 waiting sequences get the free slots (their prompts are laid out)
+    place(sequence)         with prefix reuse: a laid-out prompt starts after the longest
+                            prefix the slots hold (copied into its slot unless there already)
     plan = schedule()       compactions + this iteration's prefill chunks, in runs of
                             consecutive slots (one forward each)
     update(plan, written)   the chunks written advance their sequences; completed prompts
@@ -20,6 +22,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from xllm.server.engine.prefix_cache import Copy, PrefixCache
 from xllm.server.engine.sequence import Phase, Sequence
 
 
@@ -43,6 +46,9 @@ class StepPlan:
     # prefill chunks in runs of consecutive slots (ascending), one forward per run; a sequence
     # that scores its prompt runs alone
     prefill_runs: list[list[PrefillChunk]]
+    # prefix reuse: a move's new slot -> the positions it held (a record), which go to the old
+    # slot (the two slots' K/V are exchanged)
+    exchanged: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,9 +58,25 @@ class Scheduler:
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)  # PREFILL and DECODE, by age
     free_slots: list[int] = field(default_factory=list)  # a heap: the lowest free slot first
+    prefix_cache: PrefixCache | None = None  # None: no prefix reuse
 
     def __post_init__(self) -> None:
         self.free_slots = list(range(self.num_slots))  # ascending: already a heap
+
+    def _take_slot(self) -> int:
+        """The lowest free slot (running sequences stay low: see compact). With prefix reuse
+        what it holds stays valid until the taker is placed (or drops it)."""
+        return heapq.heappop(self.free_slots)
+
+    def _vacate(self, slot: int, keep_clear: Iterable[int] = ()) -> list[Copy]:
+        """The slot is about to be written: with prefix reuse its record, if any, moves to the
+        free slot least worth keeping (not those in keep_clear), when that is worth less."""
+        cache = self.prefix_cache
+        if cache is None:
+            return []
+        clear = set(keep_clear)
+        copy = cache.relocate(slot, [s for s in self.free_slots if s not in clear])
+        return [copy] if copy is not None else []
 
     def add(self, sequence: Sequence) -> Sequence:
         self.waiting.append(sequence)
@@ -65,17 +87,51 @@ class Scheduler:
         admitted = []
         while self.waiting and self.free_slots:
             sequence = self.waiting.popleft()
-            sequence.slot = heapq.heappop(self.free_slots)
+            sequence.slot = self._take_slot()
             sequence.phase = Phase.PREFILL
             self.running.append(sequence)
             admitted.append(sequence)
         return admitted
 
+    def place(self, sequence: Sequence) -> list[Copy]:
+        """Prefix reuse for an admitted sequence whose prompt is laid out (`prompt_keys` set):
+        its first positions held by a slot nobody writes (a free one, its own, or one another
+        sequence admitted with it has not written yet) or by a running sequence are not
+        prefilled again. Returns the copies to make, in order, before anything is written: what
+        its own slot held moves aside (unless the sequence goes on from all of it), then the
+        matched positions come into its slot (unless they are there). Keeps one position to
+        prefill (the first token's logits); a sequence scoring its prompt prefills it all."""
+        cache = self.prefix_cache
+        if cache is None:
+            return []
+        match, slot = None, sequence.slot
+        if sequence.prompt_keys is not None and not sequence.scores_prompt:
+            running = [
+                (s.slot, s.written_keys())
+                for s in self.running
+                if s is not sequence and s.length > 0 and s.prompt_keys is not None
+            ]
+            keys, limit = sequence.prompt_keys, sequence.prompt_len - 1
+            match = cache.longest(keys, limit, slot, running)
+        copies: list[Copy] = []
+        held = cache.records.get(slot)
+        if held is not None and not (match and match.slot == slot and match.length == len(held)):
+            copies += self._vacate(slot, keep_clear=[match.slot] if match else [])
+        cache.drop(slot)  # written from now on
+        if match is None:
+            return copies
+        if match.slot != slot:
+            copies.append(Copy(match.slot, slot, match.length))
+            cache.touch(match.slot)
+        sequence.prefilled = sequence.length = sequence.cached_tokens = match.length
+        return copies
+
     def schedule(self) -> StepPlan:
         """This iteration's plan: compactions first (the slots the chunks name are the new ones),
         then the prefill chunks grouped into runs."""
-        moves = self.compact()
-        return StepPlan(moves, consecutive_runs(self.next_prefills()))
+        exchanged: dict[int, int] = {}
+        moves = self.compact(exchanged)
+        return StepPlan(moves, consecutive_runs(self.next_prefills()), exchanged)
 
     def update(self, plan: StepPlan, written: Iterable[PrefillChunk]) -> list[Sequence]:
         """Apply the prefill results: the chunks `written` (those of failed runs are not, and
@@ -93,9 +149,10 @@ class Scheduler:
     def next_prefills(self) -> list[PrefillChunk]:
         """This iteration's prefill chunks, oldest sequence first.
 
-        Chunks are always [k * prefill_chunk, min((k + 1) * prefill_chunk, prompt_len)), so a
-        prompt is cut the same way whatever runs beside it (its numerics do not depend on the
-        load). Together they hold at most prefill_chunk positions (the first one always goes):
+        Chunks are always [c + k * prefill_chunk, min(c + (k + 1) * prefill_chunk, prompt_len))
+        where c is the prefix found cached, so a prompt is cut the same way whatever runs beside
+        it (its numerics do not depend on the load).
+        Together they hold at most prefill_chunk positions (the first one always goes):
         a burst of short prompts is prefilled in one iteration, a long one a chunk at a time.
         """
         chunks: list[PrefillChunk] = []
@@ -110,17 +167,26 @@ class Scheduler:
             budget -= end - sequence.prefilled
         return chunks
 
-    def compact(self) -> list[tuple[Sequence, int]]:
+    def compact(self, exchanged: dict[int, int] | None = None) -> list[tuple[Sequence, int]]:
         """Move sequences out of slots >= len(running) into free lower ones, so the running
         sequences hold slots 0..len(running)-1 and a decode batch over a slot prefix wastes no
         rows. Returns (sequence, its old slot) per move; the caller copies the slot's contents.
+        With prefix reuse and `exchanged` given, what a lower slot held goes up to the old slot
+        instead (new slot -> its length in `exchanged`: the caller exchanges the two).
         """
         moves = []
         count = len(self.running)
         for sequence in sorted(self.running, key=lambda s: s.slot, reverse=True):
             if sequence.slot < count:
                 break
-            old_slot, sequence.slot = sequence.slot, heapq.heappop(self.free_slots)
+            old_slot, sequence.slot = sequence.slot, self._take_slot()
+            cache = self.prefix_cache
+            if cache is not None:
+                held = cache.records.get(sequence.slot)
+                if held is not None and exchanged is not None:
+                    exchanged[sequence.slot] = len(held)
+                    cache.transfer(sequence.slot, old_slot)
+                cache.drop(sequence.slot)
             heapq.heappush(self.free_slots, old_slot)
             moves.append((sequence, old_slot))
         return moves
@@ -134,11 +200,15 @@ class Scheduler:
         for sequence in batch:
             sequence.length += 1
 
-    def finish(self, sequence: Sequence) -> None:
-        """Release a sequence wherever it is; its slot is free for the next iteration."""
+    def finish(self, sequence: Sequence, keep: bool = True) -> None:
+        """Release a sequence wherever it is; its slot is free for the next iteration. With
+        prefix reuse the slot's positions are remembered unless keep=False (a failed step may
+        have left them unfit)."""
         if sequence in self.running:
             self.running.remove(sequence)
             heapq.heappush(self.free_slots, sequence.slot)
+            if keep and self.prefix_cache is not None and sequence.prompt_keys is not None:
+                self.prefix_cache.keep(sequence.slot, sequence.written_keys())
         elif sequence in self.waiting:
             self.waiting.remove(sequence)
         sequence.slot = -1

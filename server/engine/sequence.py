@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from xllm.model.detokenize import SequenceState
     from xllm.server.engine.contract import EventSink
     from xllm.server.engine.events import EngineRequest, TokenLogprobs
+    from xllm.server.engine.prefix_cache import Key
 
 
 class Phase(Enum):
@@ -52,6 +53,15 @@ class Sequence:
     # request.prompt_logprobs only: the prompt's ids and its tokens' logprobs so far
     prompt_ids: list[int] | None = None
     prompt_entries: list[TokenLogprobs] = field(default_factory=list)
+    # with prefix reuse on: the keys of its prompt's positions (see prefix_cache.py)
+    prompt_keys: list[Key] | None = None
+
+    def written_keys(self) -> list[Key]:
+        """The keys of the positions in its slot: the prompt's so far, then generated tokens."""
+        assert self.prompt_keys is not None
+        written = max(0, self.length - self.prompt_len)
+        generated = self.state.tokens[:written] if self.state is not None else []
+        return self.prompt_keys[: self.length] + list(generated)
 
     @property
     def scores_prompt(self) -> bool:

@@ -43,6 +43,7 @@ from xllm.server.engine.events import (
     PromptLogprobsEvent,
     RequestHandle,
 )
+from xllm.server.engine.prefix_cache import PrefixCache
 from xllm.server.engine.runner import Failure, ModelRunner
 from xllm.server.engine.scheduler import Scheduler
 from xllm.server.engine.sequence import Sequence
@@ -76,7 +77,10 @@ class EngineLoop:
             config, max_batch=kv_slots(model, config, self.max_model_len)
         )
         self.runner = ModelRunner(model, config, self.max_model_len, self.observer)
-        self.scheduler = Scheduler(config.max_batch, config.prefill_chunk)
+        prefix_cache = PrefixCache(self.max_model_len) if config.prefix_cache else None
+        self.scheduler = Scheduler(
+            config.max_batch, config.prefill_chunk, prefix_cache=prefix_cache
+        )
         self._inbox: queue.Queue[Sequence] = queue.Queue()
         self._wake = threading.Event()
         self._exit = False
@@ -179,7 +183,7 @@ class EngineLoop:
 
     def _finish(self, sequence: Sequence, event: FinishEvent | ErrorEvent | None = None) -> None:
         """End a sequence: with its final event, or with none (cancelled: nobody listens)."""
-        self.scheduler.finish(sequence)
+        self.scheduler.finish(sequence, keep=not isinstance(event, ErrorEvent))
         self._ended(sequence, event)  # before the event: whoever sees the end sees the place free
         if event is not None:
             sequence.handle.push(event)
@@ -227,6 +231,16 @@ class EngineLoop:
                 continue
             if refused is not None:
                 self._finish(sequence, refused)
+                continue
+            self._place(sequence)
+
+    def _place(self, sequence: Sequence) -> None:
+        """Prefix reuse: the prompt's positions a slot still holds are not prefilled again."""
+        if self.scheduler.prefix_cache is None:
+            return
+        for copy in self.scheduler.place(sequence):
+            self.runner.copy(copy)
+        self.observer.prefix_cache(sequence.prompt_len, sequence.cached_tokens)
 
     def _prefill(self) -> bool:
         """Run the scheduler's plan: its compactions, then its prefill runs, one forward each;
@@ -234,7 +248,7 @@ class EngineLoop:
         the requests in it. True if a prompt got its first token."""
         plan = self.scheduler.schedule()
         for sequence, old_slot in plan.moves:
-            self.runner.move(sequence, old_slot)
+            self.runner.move(sequence, old_slot, plan.exchanged.get(sequence.slot, 0))
         written, rows = [], []
         for run in plan.prefill_runs:
             try:

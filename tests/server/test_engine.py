@@ -391,8 +391,8 @@ def test_compiled_engine_decodes_the_same_tokens(model, tiny_model_dir, backend:
         shapes.append(shape_for(*args))
         return shapes[-1]
 
-    def recording_compact() -> list:
-        done = compact()
+    def recording_compact(*args) -> list:
+        done = compact(*args)
         moves.extend(done)
         return done
 
