@@ -4,12 +4,18 @@ greedy tokens are those of a full prefill, and media never match other media."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import httpx
+import openai
 import pytest
 import torch
 
+from tests.media import make_png
+from xllm.model.media import MediaLimits
 from xllm.model.prompt import PromptLayout, bind_media
 from xllm.model.sampling import SamplingParams
 from xllm.model.xllm import PreparedMedia
@@ -225,3 +231,69 @@ def test_reuse_stops_before_another_image(tiny_model, media_dir):
     # the first image again: its slot was given up last (LRU kept it), all but one position held
     assert replies[2].usage.cached_tokens == len(layout) - 1
     assert replies[2].tokens == replies[0].tokens
+
+
+def image_message(text: str, png: bytes) -> list[dict]:
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    return [
+        {"role": "system", "content": SERVER_SYSTEM},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": " in one word"},
+            ],
+        },
+    ]
+
+
+SERVER_SYSTEM = "Prefix reuse over HTTP. " + SYSTEM
+
+
+def test_a_repeated_request_reports_cached_tokens_and_answers_the_same(server, tiny_model):
+    """Through the official client and /chat, against a real server: the second time the whole
+    prompt but its last position is reused and the greedy reply is the same; another image
+    after the same text reuses the text before the image, nothing of the image."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    red, blue = make_png(color=(200, 30, 30)), make_png(color=(30, 30, 200))
+    hits = server.metric("xllm_prefix_cache_hits_total")
+
+    def ask(png: bytes):
+        return client.chat.completions.create(
+            model="m",
+            messages=image_message("Name the colour of ", png),
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+
+    first, again, other = ask(red), ask(red), ask(blue)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    turns = [("system", SERVER_SYSTEM), ("user", "Name the colour of <image> in one word")]
+    prepared = tiny_model.preparer.prepare_bytes("image", blue, MediaLimits())
+    with torch.inference_mode():
+        layout = tiny_model.prompt_embeddings(turns, [prepared]).layout
+    assert other.usage.prompt_tokens_details.cached_tokens == layout.spans[0][0]
+    assert server.metric("xllm_prefix_cache_hits_total") - hits >= layout.spans[0][0] * 2
+    assert server.metric("xllm_prefix_cache_queries_total") >= 3 * len(layout)
+
+    # /chat: the same conversation as a form, twice
+    form = {
+        "messages": json.dumps(
+            [
+                {"role": "system", "content": SERVER_SYSTEM},
+                {"role": "user", "content": "hi <image>"},
+            ]
+        ),
+        "max_tokens": "4",
+        "temperature": "0",
+    }
+    replies = [
+        httpx.post(f"{server.url}/chat", data=form, files={"image": red}, timeout=60).json()
+        for _ in range(2)
+    ]
+    assert replies[0]["text"] == replies[1]["text"]
+    usage = replies[1]["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
