@@ -19,6 +19,9 @@ from transformers import PreTrainedTokenizerBase
 from xllm.model.config import MODALITIES, Modality, Tags
 
 ROLES = ("system", "user", "assistant")
+# What speech recognition asks: the instruction of training's transcript rows, evaluation's asr
+# task and the server's /v1/audio/transcriptions (the audio goes before it).
+ASR_INSTRUCTION = "Transcribe the audio."
 PLACEHOLDER = re.compile(r"<(image|audio|video)>")
 # Sentinels never produced by users: rendered into the template text, then split on.
 _SENTINEL = "\x00XLLM{}\x00"

@@ -17,7 +17,7 @@ from xllm.server.errors import add_error_handlers
 from xllm.server.lifecycle import drain, start_model
 from xllm.server.metrics import Metrics
 from xllm.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from xllm.server.routers import chat, completions, health, openai, web
+from xllm.server.routers import audio, chat, completions, health, openai, web
 from xllm.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ def create_app(settings: Settings, model: XLLM | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    for router in (chat.router, openai.router, completions.router, health.router, web.router):
+    routers = (chat, openai, completions, audio, health, web)
+    for router in (module.router for module in routers):
         app.include_router(router)
     add_error_handlers(app)
     # Middleware added first runs innermost: the key check sits inside CORS (preflights and 401s

@@ -344,3 +344,81 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --- POST /v1/audio/transcriptions (OpenAI) ---
+TranscriptionFormat = Literal["json", "text", "verbose_json", "srt", "vtt"]
+
+
+class TranscriptionTokenDetails(BaseModel):
+    audio_tokens: int
+    text_tokens: int
+
+
+class TranscriptionUsage(BaseModel):
+    """OpenAI's token usage of a transcription: all its segments' requests together."""
+
+    type: Literal["tokens"] = "tokens"
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_token_details: TranscriptionTokenDetails
+
+    @classmethod
+    def of(cls, usage: Any) -> TranscriptionUsage:
+        """From the engine's Usage."""
+        audio = usage.media_tokens.get("audio", 0)
+        return cls(
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            input_token_details=TranscriptionTokenDetails(
+                audio_tokens=audio, text_tokens=usage.prompt_tokens - audio
+            ),
+        )
+
+
+class Transcription(BaseModel):
+    text: str
+    usage: TranscriptionUsage
+
+
+class TranscriptionSegment(BaseModel):
+    id: int
+    seek: int = Field(description="the segment's start in 10 ms frames (Whisper's unit)")
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+
+
+class DurationUsage(BaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
+class TranscriptionVerbose(BaseModel):
+    task: Literal["transcribe"] = "transcribe"
+    language: str = Field(description="as given ('unknown' if not): the model is not asked it")
+    duration: float
+    text: str
+    segments: list[TranscriptionSegment]
+    usage: DurationUsage
+
+
+class TranscriptTextDelta(BaseModel):
+    """A streamed transcription's SSE event: more text."""
+
+    type: Literal["transcript.text.delta"] = "transcript.text.delta"
+    delta: str
+
+
+class TranscriptTextDone(BaseModel):
+    """A streamed transcription's last SSE event: the whole text."""
+
+    type: Literal["transcript.text.done"] = "transcript.text.done"
+    text: str
+    usage: TranscriptionUsage

@@ -52,6 +52,7 @@ log = logging.getLogger("xllm.serving")
 class MediaInput:
     kind: Modality
     data: bytes
+    prepared: PreparedMedia | None = None  # already prepared (a segment of a longer recording)
 
 
 @dataclass
@@ -359,6 +360,8 @@ class ChatService:
             raise ServingError(exc.message, exc.status) from None
 
     def _decode_one(self, item: MediaInput) -> PreparedMedia:
+        if item.prepared is not None:
+            return item.prepared
         prepared = self.preparer.prepare_bytes(item.kind, item.data, self.limits.media)
         self.metrics.media_stages(item.kind, prepared.decode_seconds, prepared.preprocess_seconds)
         return prepared

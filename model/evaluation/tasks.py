@@ -26,6 +26,7 @@ from typing import Any
 
 from xllm.model.evaluation.backends import Answer, Query
 from xllm.model.evaluation.metrics import error_rates, keyword_scores
+from xllm.model.prompt import ASR_INSTRUCTION
 from xllm.model.train.data import Example, RowError, parse_row
 from xllm.model.train.toy import DIRECTIONS
 
@@ -40,7 +41,7 @@ DEFAULT_MAX_TOKENS = {
 }
 INSTRUCTIONS = {
     "en": {
-        "asr": "Transcribe the audio.",
+        "asr": ASR_INSTRUCTION,
         "masr": "Transcribe the audio, using the image as context.",
         "caption": "Describe the image.",
         "direction": "Which way does the shape move?",

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from xllm.model.config import Modality
-from xllm.model.prompt import Message, bind_media, collate
+from xllm.model.prompt import ASR_INSTRUCTION, Message, bind_media, collate
 from xllm.model.train.config import TrainConfig
 from xllm.model.train.data import Example, Sample
 from xllm.model.x2l.cformer import CFormer, quantity_loss
@@ -43,7 +43,7 @@ STAGE_KINDS: dict[str, frozenset[str]] = {
 # Instructions that turn a `text` row into a conversation (the text is the answer).
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     "image": ("Describe the image.", "What is in the image?", "What do you see?"),
-    "audio": ("Transcribe the audio.",),
+    "audio": (ASR_INSTRUCTION,),
     "video": ("Describe the video.", "What happens in the video?"),
 }
 

@@ -76,6 +76,7 @@ class FinishEvent:
     text: str  # the final text delta (held text flushed at the end), possibly empty
     usage: Usage
     logprobs: TokenLogprobs | None = None  # the last token's, when the request asked
+    token: int | None = None  # the last token (an EOS too)
 
 
 @dataclass

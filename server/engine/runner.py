@@ -245,7 +245,7 @@ class ModelRunner:
             )
             self.observer.tokens(0, len(state.tokens))
             self.observer.request_done(now - sequence.request.arrival)
-            event = FinishEvent(state.finish_reason, text, usage, logprobs)
+            event = FinishEvent(state.finish_reason, text, usage, logprobs, token)
             outcome.events.append((sequence, event))
         return outcome
 
