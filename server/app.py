@@ -14,10 +14,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from xllm import __version__
 from xllm.server.deps import Runtime
 from xllm.server.errors import add_error_handlers
+from xllm.server.files import FileStore
 from xllm.server.lifecycle import drain, start_model
 from xllm.server.metrics import Metrics
 from xllm.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from xllm.server.routers import audio, chat, completions, health, openai, web
+from xllm.server.routers import audio, chat, completions, files, health, openai, web
 from xllm.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 def create_app(settings: Settings, model: XLLM | None = None) -> FastAPI:
     """The FastAPI app. The model loads in the background (given `model` is used as is)."""
     runtime = Runtime(settings, Metrics(), api_keys=settings.api_keys())
+    runtime.files = FileStore(settings.file_limits())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,7 +50,7 @@ def create_app(settings: Settings, model: XLLM | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.runtime = runtime
-    routers = (chat, openai, completions, audio, health, web)
+    routers = (chat, openai, completions, audio, files, health, web)
     for router in (module.router for module in routers):
         app.include_router(router)
     add_error_handlers(app)
@@ -60,7 +62,7 @@ def create_app(settings: Settings, model: XLLM | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

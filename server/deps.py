@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from xllm.server.engine.contract import EngineClient
 from xllm.server.errors import ClientDisconnected
+from xllm.server.files import FileStore, owner_of
 from xllm.server.metrics import Metrics
 from xllm.server.serving import ChatService
 from xllm.server.settings import Settings
@@ -31,6 +32,7 @@ class Runtime:
     engine: EngineClient | None = None
     draining: bool = False
     load_error: str | None = None
+    files: FileStore | None = None  # media handles (/v1/files), set by the app
 
     @property
     def ready(self) -> bool:
@@ -64,6 +66,26 @@ async def get_service(runtime: RuntimeDep) -> ChatService:
 
 
 ServiceDep = Annotated[ChatService, Depends(get_service)]
+
+
+async def get_files(runtime: RuntimeDep) -> FileStore:
+    assert runtime.files is not None
+    return runtime.files
+
+
+FilesDep = Annotated[FileStore, Depends(get_files)]
+
+
+async def get_owner(request: Request, runtime: RuntimeDep) -> str:
+    """Whose media handles a request may see: its API key's (checked by ApiKeyMiddleware), or
+    everyone's one owner when the server has no keys."""
+    if not runtime.api_keys:
+        return ""
+    _, _, token = request.headers.get("authorization", "").partition(" ")
+    return owner_of(token.strip())
+
+
+OwnerDep = Annotated[str, Depends(get_owner)]
 
 
 async def request_id(request: Request) -> str:

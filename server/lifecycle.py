@@ -64,6 +64,7 @@ async def start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPool
             fetcher,
             preparer.config.name,
             runtime.metrics,
+            runtime.files,
         )
         log.info(
             "model ready",

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,9 @@ from xllm.model.sampling import (
     TOP_LOGPROBS,
     TOP_P,
 )
+
+if TYPE_CHECKING:
+    from xllm.server.files import StoredFile
 
 # OpenAI's presence_penalty / frequency_penalty field, range from the sampler's own constant
 Penalty = Annotated[float | None, Field(**PENALTY.bounds)]
@@ -127,7 +130,18 @@ class VideoPart(BaseModel):
     video_url: VideoURL
 
 
-ContentPart = TextPart | ImagePart | AudioPart | VideoPart
+class FileRef(BaseModel):
+    file_id: str = Field(description="a media handle from POST /v1/files")
+
+
+class FilePart(BaseModel):
+    """A media handle (image, audio or video, as its bytes are), OpenAI's file content part."""
+
+    type: Literal["file"]
+    file: FileRef
+
+
+ContentPart = TextPart | ImagePart | AudioPart | VideoPart | FilePart
 
 
 class OpenAIMessage(BaseModel):
@@ -332,6 +346,41 @@ class TextCompletion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+
+
+# --- /v1/files (OpenAI's Files API: media handles) ---
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    expires_at: int | None = None
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"  # decoded and preprocessed when created
+
+    @classmethod
+    def of(cls, stored: StoredFile) -> FileObject:
+        return cls(
+            id=stored.id,
+            bytes=stored.size,
+            created_at=stored.created_at,
+            expires_at=stored.expires_at,
+            filename=stored.filename,
+            purpose=stored.purpose,
+        )
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
 
 
 class ModelCard(BaseModel):

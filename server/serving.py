@@ -18,12 +18,13 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from xllm.model.config import Modality
 from xllm.model.media import (
     MediaError,
     MediaLimits,
+    sniff_kind,
 )
 from xllm.model.preprocess import MediaPreparer, PreparedMedia
 from xllm.model.prompt import PromptError, bind_media
@@ -41,6 +42,7 @@ from xllm.server.engine.events import (
     Usage,
 )
 from xllm.server.errors import ServingError
+from xllm.server.files import FileLimits, FileStore, StoredFile
 from xllm.server.metrics import Metrics
 from xllm.server.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.server.remote_media import RemoteMediaFetcher
@@ -213,6 +215,7 @@ class ChatService:
         fetcher: RemoteMediaFetcher,
         model_name: str,
         metrics: Metrics,
+        files: FileStore | None = None,
     ) -> None:
         self.preparer = preparer
         self.engine = engine
@@ -221,6 +224,35 @@ class ChatService:
         self.fetcher = fetcher
         self.model_name = model_name
         self.metrics = metrics
+        self.files = files if files is not None else FileStore(FileLimits())
+
+    # --- media handles (/v1/files) ---
+    async def create_file(self, owner: str, filename: str, purpose: str, data: bytes) -> StoredFile:
+        """Upload once: the kind sniffed from the bytes, the media decoded and preprocessed now
+        (a bad file fails its upload, not a later request), within the owner's quota."""
+        sniffed = sniff_kind(data)
+        if sniffed is None:
+            raise ServingError(
+                "the file is not an image, audio or video this server recognises", 415
+            )
+        kind = cast(Modality, sniffed)
+        try:
+            self.preparer.check_kind(kind)
+        except ValueError as exc:
+            raise ServingError(str(exc), 400) from None
+        self.files.check_quota(owner, len(data))
+        (prepared,) = await self._prepare_media([MediaInput(kind, data)])
+        add = self.files.add
+        return await asyncio.to_thread(add, owner, filename, purpose, kind, data, prepared)
+
+    async def file_media(self, owner: str, file_id: str) -> MediaInput:
+        """A handle as a request's media item (404 for one the owner does not hold): prepared
+        at upload, or at its first use after a restart."""
+        stored = self.files.get(owner, file_id)
+        if stored.prepared is None:
+            data = await asyncio.to_thread(self.files.data, stored)
+            (stored.prepared,) = await self._prepare_media([MediaInput(stored.kind, data)])
+        return MediaInput(stored.kind, b"", prepared=stored.prepared)
 
     # --- /chat and /v1/chat/completions share this ---
     async def complete(self, chat: ChatInput) -> Completion:
@@ -367,7 +399,11 @@ class ChatService:
         return prepared
 
     # --- OpenAI request -> ChatInput ---
-    async def from_openai(self, request: ChatCompletionRequest, request_id: str) -> ChatInput:
+    async def from_openai(
+        self, request: ChatCompletionRequest, request_id: str, owner: str = ""
+    ) -> ChatInput:
+        """An OpenAI request as a ChatInput; `owner` (see files.owner_of) resolves its media
+        handles."""
         unsupported = {
             "n": request.n not in (None, 1),
             "tools": bool(request.tools) or request.tool_choice not in (None, "none"),
@@ -396,6 +432,11 @@ class ChatService:
             for part in message.content:
                 if part.type == "text":
                     text += part.text
+                    continue
+                if part.type == "file":
+                    item = await self.file_media(owner, part.file.file_id)
+                    media.append(item)
+                    text += f"<{item.kind}>"
                     continue
                 if part.type == "image_url":
                     kind, data = "image", await self._media_url(part.image_url.url, "image")

@@ -12,6 +12,7 @@ from xllm.model.config import Quantize
 
 if TYPE_CHECKING:
     from xllm.server.engine.config import EngineConfig
+    from xllm.server.files import FileLimits
     from xllm.server.serving import ServingLimits
 
 
@@ -110,6 +111,16 @@ class Settings(BaseSettings):
         "its own) or a thread of the server process",
     )
     log_format: Literal["json", "text"] = Field("json", description="log lines as JSON or text")
+    files_ttl: float = Field(
+        3600, ge=0, description="seconds a media handle (POST /v1/files) lives; 0: until deleted"
+    )
+    files_max_count: int = Field(100, ge=0, description="media handles per API key")
+    files_max_mb: float = Field(256, ge=0, description="MB of media handles per API key")
+    files_dir: Path | None = Field(
+        None,
+        description="directory that keeps media handles across restarts (their bytes and "
+        "metadata; decoded again at first use); default: in memory, gone at a restart",
+    )
 
     _split = field_validator("cors_origins", "allow_remote_media", mode="before")(_split_list)
 
@@ -141,6 +152,16 @@ class Settings(BaseSettings):
             compile=self.compile,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=None if gb is None else int(gb * 2**30),
+        )
+
+    def file_limits(self) -> FileLimits:
+        from xllm.server.files import FileLimits
+
+        return FileLimits(
+            ttl=self.files_ttl or None,
+            max_files=self.files_max_count,
+            max_bytes=int(self.files_max_mb * 2**20),
+            directory=self.files_dir,
         )
 
     def serving_limits(self) -> ServingLimits:

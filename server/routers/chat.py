@@ -20,6 +20,7 @@ from xllm.model.sampling import (
     TOP_P,
 )
 from xllm.server.deps import (
+    OwnerDep,
     RequestIdDep,
     ServiceDep,
     until_disconnected,
@@ -99,6 +100,14 @@ async def chat(
     image: Annotated[list[UploadFile] | None, File(description="image files (repeatable)")] = None,
     audio: Annotated[list[UploadFile] | None, File(description="audio files (repeatable)")] = None,
     video: Annotated[list[UploadFile] | None, File(description="video files (repeatable)")] = None,
+    file_id: Annotated[
+        list[str] | None,
+        Form(
+            description="media handles from POST /v1/files (repeatable); each binds, in order, "
+            "after the uploaded files of its kind"
+        ),
+    ] = None,
+    owner: OwnerDep = "",
     stream: Annotated[bool, Form()] = False,
     max_tokens: Annotated[int | None, Form(**MAX_TOKENS.bounds)] = None,
     min_tokens: Annotated[int | None, Form(**MIN_TOKENS.bounds)] = None,
@@ -112,9 +121,15 @@ async def chat(
     seed: Annotated[int | None, Form()] = None,
     stop: Annotated[list[str] | None, Form(description="repeatable, or a JSON list")] = None,
 ):
-    media = (
-        await _files("image", image) + await _files("audio", audio) + await _files("video", video)
-    )
+    uploads = {
+        "image": await _files("image", image),
+        "audio": await _files("audio", audio),
+        "video": await _files("video", video),
+    }
+    for handle in file_id or []:
+        item = await service.file_media(owner, handle)
+        uploads[item.kind].append(item)
+    media = [item for items in uploads.values() for item in items]
     overrides = {
         "max_tokens": max_tokens,
         "min_tokens": min_tokens,

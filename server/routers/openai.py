@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from xllm.server.deps import (
+    OwnerDep,
     RequestIdDep,
     RuntimeDep,
     ServiceDep,
@@ -46,10 +47,14 @@ async def models(runtime: RuntimeDep) -> ModelList:
     responses={**MEDIA_ERRORS, 200: STREAM_REPLY},
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, service: ServiceDep, request_id: RequestIdDep
+    body: ChatCompletionRequest,
+    request: Request,
+    service: ServiceDep,
+    request_id: RequestIdDep,
+    owner: OwnerDep,
 ):
     completion_id = f"chatcmpl-{request_id}"
-    chat_input = await service.from_openai(body, completion_id)
+    chat_input = await service.from_openai(body, completion_id, owner)
     created = int(time.time())
     if body.stream:
         generation = await until_disconnected(request, service.start(chat_input))
