@@ -45,11 +45,14 @@ __all__ = [
     "Sampling",
     "ServerStatus",
     "StreamDelta",
+    "TranscriptSegment",
+    "Transcription",
     "Usage",
     "XLLMClient",
     "XLLMConnectionError",
     "XLLMError",
     "build_chat_request",
+    "build_transcription_request",
 ]
 
 #: Generation can take a while: generous read timeout, short connect timeout.
@@ -113,6 +116,25 @@ class StreamDelta:
     delta: str
     finish_reason: Literal["stop", "length"] | None = None
     usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptSegment:
+    """An utterance of a transcribed recording: when it sounds (seconds) and its text."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """A `/v1/audio/transcriptions` reply: the whole text and its segments."""
+
+    text: str
+    duration: float  # seconds of audio
+    segments: tuple[TranscriptSegment, ...]
 
 
 @dataclass(frozen=True)
@@ -327,6 +349,21 @@ def build_chat_request(
     return _Request("POST", "/chat", data, files or None)
 
 
+def build_transcription_request(
+    audio: MediaFile,
+    *,
+    language: str | None = None,
+    prompt: str | None = None,
+    temperature: float | None = None,
+) -> _Request:
+    """One `POST /v1/audio/transcriptions` asking for verbose_json (the file is read here)."""
+    data = {"response_format": "verbose_json"}
+    given = {"language": language, "prompt": prompt, "temperature": temperature}
+    data.update({key: _form_value(value) for key, value in given.items() if value is not None})
+    _, file = _media_part("audio", audio, 0)
+    return _Request("POST", "/v1/audio/transcriptions", data, [("file", file)])
+
+
 # --- replies ---
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
@@ -384,6 +421,15 @@ def _parse_chat(response: httpx.Response) -> ChatResult:
     )
 
 
+def _parse_transcription(response: httpx.Response) -> Transcription:
+    body = _json(response)
+    segments = tuple(
+        TranscriptSegment(int(s["id"]), float(s["start"]), float(s["end"]), s["text"])
+        for s in body["segments"]
+    )
+    return Transcription(body["text"], float(body["duration"]), segments)
+
+
 def _parse_delta(body: Mapping[str, Any]) -> StreamDelta:
     usage = body.get("usage")
     return StreamDelta(
@@ -424,9 +470,10 @@ def _transport_errors(base_url: str) -> Iterator[None]:
 # --- the clients ---
 ChatT = TypeVar("ChatT")
 StreamT = TypeVar("StreamT")
+TranscriptionT = TypeVar("TranscriptionT")
 
 
-class _ClientBase(Generic[ChatT, StreamT]):
+class _ClientBase(Generic[ChatT, StreamT, TranscriptionT]):
     """The constructor and the public chat methods, once: they build the request; subclasses do
     the I/O with their `_HTTP` (httpx.Client or httpx.AsyncClient).
 
@@ -483,14 +530,33 @@ class _ClientBase(Generic[ChatT, StreamT]):
         )
         return self._chat_stream(request)
 
+    def transcribe(
+        self,
+        audio: MediaFile,
+        *,
+        language: str | None = None,
+        prompt: str | None = None,
+        temperature: float | None = None,
+    ) -> TranscriptionT:
+        """Speech of any length to text (`/v1/audio/transcriptions`), with its utterance
+        segments and their times."""
+        return self._transcribe(
+            build_transcription_request(
+                audio, language=language, prompt=prompt, temperature=temperature
+            )
+        )
+
     def _chat(self, request: _Request) -> ChatT:
+        raise NotImplementedError
+
+    def _transcribe(self, request: _Request) -> TranscriptionT:
         raise NotImplementedError
 
     def _chat_stream(self, request: _Request) -> StreamT:
         raise NotImplementedError
 
 
-class XLLMClient(_ClientBase[ChatResult, Iterator[StreamDelta]]):
+class XLLMClient(_ClientBase[ChatResult, Iterator[StreamDelta], Transcription]):
     """Synchronous client (httpx.Client); use as a context manager or call `close()`."""
 
     _HTTP = httpx.Client
@@ -523,6 +589,9 @@ class XLLMClient(_ClientBase[ChatResult, Iterator[StreamDelta]]):
     def _chat(self, request: _Request) -> ChatResult:
         return _parse_chat(self._send(request))
 
+    def _transcribe(self, request: _Request) -> Transcription:
+        return _parse_transcription(self._send(request))
+
     def _chat_stream(self, request: _Request) -> Iterator[StreamDelta]:
         parser = _StreamParser()
         with _transport_errors(self.base_url), self._http.stream(**request.httpx_kwargs()) as reply:
@@ -534,7 +603,13 @@ class XLLMClient(_ClientBase[ChatResult, Iterator[StreamDelta]]):
         parser.end()
 
 
-class AsyncXLLMClient(_ClientBase[Coroutine[Any, Any, ChatResult], AsyncIterator[StreamDelta]]):
+class AsyncXLLMClient(
+    _ClientBase[
+        Coroutine[Any, Any, ChatResult],
+        AsyncIterator[StreamDelta],
+        Coroutine[Any, Any, Transcription],
+    ]
+):
     """Asynchronous client (httpx.AsyncClient); `async with` it or `await aclose()`.
 
     `chat` is awaited (`await client.chat(...)`); `chat_stream` is iterated with `async for`.
@@ -567,6 +642,9 @@ class AsyncXLLMClient(_ClientBase[Coroutine[Any, Any, ChatResult], AsyncIterator
 
     async def _chat(self, request: _Request) -> ChatResult:
         return _parse_chat(await self._send(request))
+
+    async def _transcribe(self, request: _Request) -> Transcription:
+        return _parse_transcription(await self._send(request))
 
     async def _chat_stream(self, request: _Request) -> AsyncIterator[StreamDelta]:
         parser = _StreamParser()

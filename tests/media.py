@@ -79,7 +79,7 @@ def speech_with_pauses(
     return np.concatenate(pieces), sounds
 
 
-def wav_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+def to_wav(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()

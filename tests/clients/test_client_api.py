@@ -6,10 +6,13 @@ import asyncio
 
 import pytest
 
+from tests.media import SAMPLE_RATE, make_png, speech_with_pauses, to_wav
 from xllm.clients import (
     AsyncXLLMClient,
     ChatResult,
     StreamDelta,
+    Transcription,
+    TranscriptSegment,
     XLLMClient,
     XLLMConnectionError,
     XLLMError,
@@ -158,3 +161,24 @@ def test_a_stream_can_be_abandoned(client: XLLMClient) -> None:
     stream.close()  # what `break` in a for loop does: the connection is closed, the slot freed
     assert first.delta and first.finish_reason is None
     assert client.chat("hello", **GREEDY).finish_reason == "length"
+
+
+def test_transcribe_gives_the_utterance_segments(client: XLLMClient, server_url: str) -> None:
+    speech, sounds = speech_with_pauses(["a red circle", "the shape moves up"], pause_s=1.0)
+    result = client.transcribe(("two.wav", to_wav(speech)), language="en")
+    assert isinstance(result, Transcription)
+    assert result.duration == pytest.approx(speech.size / SAMPLE_RATE, abs=1e-3)
+    assert len(result.segments) == len(sounds) == 2
+    for segment, (start, end) in zip(result.segments, sounds, strict=True):
+        assert isinstance(segment, TranscriptSegment)
+        assert segment.start <= start and end <= segment.end
+    assert result.text == " ".join(s.text for s in result.segments if s.text)
+
+    async def transcribe_async() -> Transcription:
+        async with AsyncXLLMClient(server_url) as aclient:
+            return await aclient.transcribe(("two.wav", to_wav(speech)))
+
+    assert asyncio.run(transcribe_async()) == result
+    with pytest.raises(XLLMError) as refused:
+        client.transcribe(("image.png", make_png()))
+    assert refused.value.status == 415

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.media import SAMPLE_RATE, make_png, speech_with_pauses, wav_bytes
+from tests.media import SAMPLE_RATE, make_png, speech_with_pauses, to_wav
 from xllm.model.media import decode_audio
 from xllm.model.media.segments import split_speech
 from xllm.server.transcription import MAX_SEGMENT_SECONDS
@@ -40,7 +40,7 @@ def client(server) -> openai.OpenAI:
 def three() -> tuple[bytes, list[tuple[float, float]]]:
     """Three utterances with pauses between them, and when each sounds."""
     samples, sounds = speech_with_pauses(SENTENCES[:3], pause_s=1.0)
-    return wav_bytes(samples), sounds
+    return to_wav(samples), sounds
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def long_clip() -> tuple[bytes, list[tuple[float, float]]]:
     """About 90 s: 16 utterances, 3 s apart."""
     samples, sounds = speech_with_pauses((SENTENCES * 4)[:16], pause_s=3.0)
     assert 80 * SAMPLE_RATE < samples.size < 100 * SAMPLE_RATE
-    return wav_bytes(samples), sounds
+    return to_wav(samples), sounds
 
 
 def transcribe(client: openai.OpenAI, data: bytes, **kwargs):
@@ -139,7 +139,7 @@ def test_usage_counts_the_segments_audio_spans(client, three, tiny_model):
 
 
 def test_silence_is_an_empty_transcript(client):
-    silent = wav_bytes(np.zeros(2 * SAMPLE_RATE, np.float32))
+    silent = to_wav(np.zeros(2 * SAMPLE_RATE, np.float32))
     assert transcribe(client, silent).text == ""
     assert transcribe(client, silent, response_format="srt") == ""
     assert transcribe(client, silent, response_format="verbose_json").segments == []
@@ -155,18 +155,18 @@ def test_bad_input_is_a_4xx(client, server):
     assert image.value.status_code == 415
     with pytest.raises(openai.BadRequestError, match="json or text"):
         transcribe(
-            client, wav_bytes(np.zeros(SAMPLE_RATE, np.float32)), stream=True, response_format="srt"
+            client, to_wav(np.zeros(SAMPLE_RATE, np.float32)), stream=True, response_format="srt"
         )
     with pytest.raises(openai.BadRequestError, match="word timestamps"):
         transcribe(
             client,
-            wav_bytes(np.zeros(SAMPLE_RATE, np.float32)),
+            to_wav(np.zeros(SAMPLE_RATE, np.float32)),
             response_format="verbose_json",
             timestamp_granularities=["word"],
         )
     r = httpx.post(f"{server.url}/v1/audio/transcriptions", data={"model": "m"}, timeout=30)
     assert r.status_code == 422 and "file" in r.text  # no file at all
-    too_big = wav_bytes(np.zeros(150 * SAMPLE_RATE, np.float32))  # over --max-upload-mb 4
+    too_big = to_wav(np.zeros(150 * SAMPLE_RATE, np.float32))  # over --max-upload-mb 4
     with pytest.raises(openai.APIStatusError) as big:
         transcribe(client, too_big)
     assert big.value.status_code == 413
