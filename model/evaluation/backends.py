@@ -21,7 +21,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -34,6 +34,9 @@ AUDIO_FORMATS = {".wav": "wav", ".mp3": "mp3", ".flac": "flac", ".ogg": "ogg", "
 class Query:
     turns: tuple[tuple[str, str], ...]  # ends with a user turn
     media: tuple[tuple[str, Path], ...] = ()  # (kind, path), in the order placeholders bind
+    # "transcriptions": the one audio item through a server's /v1/audio/transcriptions (which
+    # asks the ASR instruction itself, segment by segment) instead of chat completions
+    endpoint: Literal["chat", "transcriptions"] = "chat"
 
 
 @dataclass
@@ -86,6 +89,9 @@ class LocalBackend(Backend):
     def answer(self, query: Query, max_tokens: int) -> str:
         """The model's greedy reply to the query's media and turns."""
         import torch
+
+        if query.endpoint != "chat":
+            raise ValueError(f"/v1/audio/{query.endpoint} needs a server (--url)")
 
         from xllm.model.generate import generate
         from xllm.model.sampling import SamplingParams
@@ -215,25 +221,43 @@ class RemoteBackend(Backend):
 
             return await asyncio.gather(*(one(q) for q in queries))
 
-    async def _answer(self, http: httpx.AsyncClient, query: Query, max_tokens: int) -> Answer:
-        try:
-            messages = openai_messages(query)
-        except (OSError, ValueError) as exc:
-            return Answer(None, f"{type(exc).__name__}: {exc}")
-        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    def _request(self, query: Query, max_tokens: int) -> tuple[str, dict[str, Any]]:
+        """The URL and httpx arguments of the query's POST (files are read here)."""
+        if query.endpoint == "transcriptions":
+            if [kind for kind, _ in query.media] != ["audio"]:
+                raise ValueError("a transcription takes exactly one audio item")
+            path = query.media[0][1]
+            form = {"model": self.model_name or "", "response_format": "json", "temperature": "0"}
+            files = {"file": (path.name, path.read_bytes())}
+            return f"{self.base}/audio/transcriptions", {"data": form, "files": files}
+        body: dict[str, Any] = {
+            "messages": openai_messages(query),
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        }
         if self.model_name:
             body["model"] = self.model_name
+        return self.endpoint, {"json": body}
+
+    async def _answer(self, http: httpx.AsyncClient, query: Query, max_tokens: int) -> Answer:
+        try:
+            url, request = self._request(query, max_tokens)
+        except (OSError, ValueError) as exc:
+            return Answer(None, f"{type(exc).__name__}: {exc}")
         error = ""
         for attempt in range(self.retries + 1):
             delay = self.backoff * 2**attempt * random.uniform(0.5, 1.0)
             try:
-                reply = await http.post(self.endpoint, json=body)
+                reply = await http.post(url, **request)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             else:
                 if reply.status_code == 200:
                     try:
-                        return Answer(str(reply.json()["choices"][0]["message"]["content"] or ""))
+                        body = reply.json()
+                        if query.endpoint == "transcriptions":
+                            return Answer(str(body["text"]))
+                        return Answer(str(body["choices"][0]["message"]["content"] or ""))
                     except (ValueError, KeyError, IndexError, TypeError):
                         return Answer(None, f"bad reply: {reply.text[:200]!r}")
                 error = f"HTTP {reply.status_code}: {reply.text[:300]}"

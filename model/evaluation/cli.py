@@ -108,6 +108,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="instructions for text rows (zh: X-LLM's Chinese ASR instructions)",
     )
     add("--concurrency", type=int, default=4, help="requests in flight with --url (default 4)")
+    add(
+        "--compare-transcriptions",
+        action="store_true",
+        help="asr with --url: also send each clip to /v1/audio/transcriptions and report its "
+        "WER beside the chat completions' (the same instruction, the clip in segments)",
+    )
     add("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add("--quantize", choices=QUANTIZE_CHOICES, default="none")
     judge = parser.add_argument_group("relative-score judge (any OpenAI-compatible endpoint)")
@@ -147,6 +153,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError("give --task and --data (or a tool: `xllm eval pack`, `xllm eval import`)")
     if args.model is None and args.url is None:
         raise UserError("give --model DIR (in-process) or --url URL (a running server)")
+    if args.compare_transcriptions and args.url is None:
+        raise UserError("--compare-transcriptions needs a server (--url)")
     from xllm.model.evaluation.backends import BackendError, LocalBackend, RemoteBackend
     from xllm.model.evaluation.harness import EvalOptions, resolve_tasks, run, task_results
     from xllm.model.evaluation.judge import JudgeClient, JudgeError, default_cache_dir, load_rules
@@ -181,6 +189,7 @@ def run_eval(args: argparse.Namespace) -> int:
             language=args.language,
             progress=not args.no_progress,
             judge_rules=load_rules(args.judge_rules) if args.judge_rules else None,
+            transcriptions=args.compare_transcriptions,
         )
         if args.model is not None:
             backend = LocalBackend(args.model, device=args.device, quantize=args.quantize)

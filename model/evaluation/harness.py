@@ -12,7 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,8 @@ class EvalOptions:
     language: str = "en"  # instruction language for text rows (en, zh)
     progress: bool = True
     judge_rules: dict[str, str] | None = None  # a loaded LLaVA rule.json
+    # asr: each clip also through the server's /v1/audio/transcriptions, scored beside chat's
+    transcriptions: bool = False
 
 
 def manifest_for(data: Path, task: str) -> Path:
@@ -123,6 +125,11 @@ def run_task(
     if not items:
         raise EvalError(f"{manifest}: no rows fit the {task} task")
     max_tokens = options.max_tokens or DEFAULT_MAX_TOKENS[task]
+    if options.transcriptions and task == "asr":
+        for item in items:
+            item.queries["transcriptions"] = replace(
+                item.queries["answer"], endpoint="transcriptions"
+            )
     answers = _ask(backend, items, max_tokens, task, options.progress)
 
     predictions = [

@@ -223,7 +223,12 @@ def score_items(
         return [answers[i][condition].text or "" for i in ok]
 
     if task == "asr":
-        return error_rates(refs, texts("answer"), normalizer, numbers), failed  # type: ignore[arg-type]
+        metrics = error_rates(refs, texts("answer"), normalizer, numbers)  # type: ignore[arg-type]
+        if "transcriptions" in answers[ok[0]]:  # the same clips, /v1/audio/transcriptions
+            other = error_rates(refs, texts("transcriptions"), normalizer, numbers)  # type: ignore[arg-type]
+            metrics["transcriptions"] = other
+            metrics["wer_transcriptions_minus_chat"] = other["wer"] - metrics["wer"]
+        return metrics, failed
     if task == "masr":
         with_image = error_rates(refs, texts("with_image"), normalizer, numbers)  # type: ignore[arg-type]
         without = error_rates(refs, texts("without_image"), normalizer, numbers)  # type: ignore[arg-type]

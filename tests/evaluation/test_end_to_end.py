@@ -258,3 +258,36 @@ def test_cache_only_rerun_without_judge_url(
     argv = [*argv[:-4], "--judge-cache", empty, "--out", tmp_path / "s.json"]
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "not in the judge cache" in err
+
+
+def test_asr_through_transcriptions_beside_chat(eval_server, eval_pack, tmp_path, capsys) -> None:
+    """--compare-transcriptions: every asr clip also through /v1/audio/transcriptions, its WER
+    reported beside the chat completions' over the same rows."""
+    out = tmp_path / "asr.json"
+    argv = ["eval", "--task", "asr", "--data", eval_pack, "--url", eval_server.url]
+    code, report, _ = run_cli(
+        [*argv, "--max-tokens", "4", "--no-progress", "--compare-transcriptions", "--out", out],
+        capsys,
+    )
+    assert code == 0 and report["rows"] == PACK_N and report["failed"]["count"] == 0
+    other = report["transcriptions"]
+    assert other["wer"] >= 0 and other["reference_words"] == report["reference_words"] > 0
+    assert report["wer_transcriptions_minus_chat"] == pytest.approx(other["wer"] - report["wer"])
+    rows = [json.loads(r) for r in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
+    assert all(set(r["answers"]) == {"answer", "transcriptions"} for r in rows)
+    assert all(isinstance(r["answers"]["transcriptions"], str) for r in rows)
+
+    code, _, err = run_cli(
+        [
+            "eval",
+            "--task",
+            "asr",
+            "--data",
+            eval_pack,
+            "--model",
+            eval_pack,
+            "--compare-transcriptions",
+        ],
+        capsys,
+    )
+    assert code == 2 and "--compare-transcriptions needs a server" in err
