@@ -113,6 +113,11 @@ class SequenceState:
         self._held = pending[len(pending) - hold :] if hold else ""
         return self._emit(pending[: len(pending) - hold])
 
+    def end(self, reason: str) -> str:
+        """End the sequence now (its grammar is complete): the text still held."""
+        self.finish_reason = reason
+        return self._flush()
+
     def _flush(self) -> str:
         """Everything still held (stop-string prefixes, an incomplete last character)."""
         out, self._held = self._held + self.detokenizer.flush(), ""

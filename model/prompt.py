@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from xllm.model.config import MODALITIES, Modality, Tags
 
-ROLES = ("system", "user", "assistant")
+# observation: a tool's result (GLM-4's role for it)
+ROLES = ("system", "user", "assistant", "observation")
 # What speech recognition asks: the instruction of training's transcript rows, evaluation's asr
 # task and the server's /v1/audio/transcriptions (the audio goes before it).
 ASR_INSTRUCTION = "Transcribe the audio."

@@ -17,6 +17,7 @@ from xllm.model.config import SamplingDefaults
 PENALTY_LIMIT = 2.0  # presence_penalty and frequency_penalty lie in [-PENALTY_LIMIT, PENALTY_LIMIT]
 MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (chat's top_logprobs)
 MAX_COMPLETION_LOGPROBS = 5  # the same for /v1/completions' `logprobs` (OpenAI's legacy limit)
+MAX_CHOICES = 16  # OpenAI's n: choices sampled from one prompt
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ REPETITION_PENALTY = Range(gt=0)
 PENALTY = Range(ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)  # presence_penalty, frequency_penalty
 TOP_LOGPROBS = Range(ge=0, le=MAX_TOP_LOGPROBS)
 COMPLETION_LOGPROBS = Range(ge=0, le=MAX_COMPLETION_LOGPROBS)
+CHOICES = Range(ge=1, le=MAX_CHOICES)
 
 
 @dataclass
@@ -300,6 +302,16 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
         sorted_probs[drop] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return probs
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice `choice` of n sampled from one prompt: seed + choice (wrapped into
+    the 64 bits a generator takes), so a seeded request repeats its n answers and each differs;
+    without a seed every choice draws its own."""
+    if seed is None or choice == 0:
+        return seed
+    value = seed + choice
+    return value - 2**64 if value >= 2**64 else value
 
 
 def make_generator(seed: int | None) -> torch.Generator:

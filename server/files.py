@@ -76,6 +76,9 @@ class FileStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._files: dict[str, StoredFile] = {}
+        # told the content digests no live handle has any more (the engine unpins their
+        # encoder outputs)
+        self.on_release: Callable[[list[str]], None] | None = None
         if limits.directory is not None:
             limits.directory.mkdir(parents=True, exist_ok=True)
             self._load(limits.directory)
@@ -195,6 +198,10 @@ class FileStore:
         with self._lock:
             for stored in files:
                 self._files.pop(stored.id, None)
+            live = {f.prepared.digest for f in self._files.values() if f.prepared is not None}
+        released = {f.prepared.digest for f in files if f.prepared is not None} - live
+        if released and self.on_release is not None:
+            self.on_release(sorted(released))
         directory = self.limits.directory
         if directory is not None:
             for stored in files:

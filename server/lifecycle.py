@@ -56,6 +56,8 @@ async def start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPool
         fetcher = RemoteMediaFetcher(s.allow_remote_media, s.max_upload_bytes)
         await asyncio.to_thread(engine.start)
         runtime.engine = engine
+        if runtime.files is not None:  # gone handles' encoder outputs leave the engine's pins
+            runtime.files.on_release = engine.unpin_media
         runtime.service = ChatService(
             preparer,
             engine,

@@ -67,6 +67,11 @@ class Metrics(EngineObserver):
             registry=r,
         )
         self.generated = Counter("xllm_generated_tokens_total", "Tokens generated", registry=r)
+        self.prefilled = Counter(
+            "xllm_prefill_tokens_total",
+            "Prompt positions computed by prefill forwards (n choices of a prompt: once)",
+            registry=r,
+        )
         self.prompt = Counter("xllm_prompt_tokens_total", "Prompt positions processed", registry=r)
         self.prefix_queries = Counter(
             "xllm_prefix_cache_queries",
@@ -98,6 +103,9 @@ class Metrics(EngineObserver):
 
     def encoder_time(self, modality: str, seconds: float) -> None:
         self.encoder.labels(modality=modality).observe(seconds)
+
+    def prefill(self, positions: int) -> None:
+        self.prefilled.inc(positions)
 
     def request_done(self, seconds: float) -> None:
         self.e2e.observe(seconds)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from xllm.model.sampling import (
+    CHOICES,
     COMPLETION_LOGPROBS,
     MAX_TOKENS,
     MIN_TOKENS,
@@ -144,10 +145,61 @@ class FilePart(BaseModel):
 ContentPart = TextPart | ImagePart | AudioPart | VideoPart | FilePart
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON object, as text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class OpenAIMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`json_object`: any JSON object; `json_schema`: JSON valid under its schema (both
+    enforced by grammar-constrained decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -165,7 +217,9 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, **MAX_TOKENS.bounds)
     temperature: float | None = Field(None, **OPENAI_TEMPERATURE.bounds)
     top_p: float | None = Field(None, **TOP_P.bounds)
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(
+        None, description="choices from one prompt (prefilled once)", **CHOICES.bounds
+    )
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
@@ -173,9 +227,10 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Penalty = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, **TOP_LOGPROBS.bounds)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     # extensions (vLLM's names)
     top_k: int | None = Field(None, **TOP_K.bounds)
     min_tokens: int | None = Field(None, **MIN_TOKENS.bounds)
@@ -185,7 +240,8 @@ class ChatCompletionRequest(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 def token_text(token: bytes) -> str:
@@ -236,7 +292,7 @@ class ChoiceLogprobs(BaseModel):
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -249,15 +305,31 @@ class ChatCompletion(BaseModel):
     usage: UsageInfo
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed call: the first delta has its id, type and name, the next ones more of
+    its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: ChoiceLogprobs | None = None  # the entries of the tokens in this delta
 
 
@@ -281,7 +353,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(16, **MAX_TOKENS.bounds)  # OpenAI's default
     temperature: float | None = Field(None, **OPENAI_TEMPERATURE.bounds)
     top_p: float | None = Field(None, **TOP_P.bounds)
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, description="choices per prompt (prefilled once)", **CHOICES.bounds)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False

@@ -55,6 +55,7 @@ class MediaInput:
     kind: Modality
     data: bytes
     prepared: PreparedMedia | None = None  # already prepared (a segment of a longer recording)
+    pinned: bool = False  # a media handle's: its encoder output stays while the handle lives
 
 
 @dataclass
@@ -252,7 +253,7 @@ class ChatService:
         if stored.prepared is None:
             data = await asyncio.to_thread(self.files.data, stored)
             (stored.prepared,) = await self._prepare_media([MediaInput(stored.kind, data)])
-        return MediaInput(stored.kind, b"", prepared=stored.prepared)
+        return MediaInput(stored.kind, b"", prepared=stored.prepared, pinned=True)
 
     # --- /chat and /v1/chat/completions share this ---
     async def complete(self, chat: ChatInput) -> Completion:
@@ -326,6 +327,9 @@ class ChatService:
         handle = RequestHandle(chat.request_id, asyncio.get_running_loop())
         request = EngineRequest(
             chat.request_id, messages, prepared, params, max_tokens_given, arrival, chat.prompt
+        )
+        request.pinned = tuple(
+            p.digest for p, m in zip(prepared, chat.media, strict=True) if m.pinned
         )
         if chat.prompt is not None and chat.overrides.get("echo") and params.logprobs is not None:
             request.prompt_logprobs = params.logprobs

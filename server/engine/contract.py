@@ -99,6 +99,10 @@ class EngineClient(Protocol):
         """Every queued and running request ends with an error event (from the engine)."""
         ...
 
+    def unpin_media(self, digests: list[str]) -> None:
+        """Media handles are gone: their encoder outputs return to the LRU cache."""
+        ...
+
     def abandon(self, message: str) -> None:
         """For a wedged engine: end every request in flight here, without waiting for it."""
         ...

@@ -26,6 +26,8 @@ class EngineRequest:
     prompt: str | None = None  # raw text, no chat template (/v1/completions); messages unused
     # k: the prompt tokens' own logprobs (k alternatives each), in a PromptLogprobsEvent first
     prompt_logprobs: int | None = None
+    # digests of media whose encoder outputs stay until released (media handles' encodings)
+    pinned: tuple[str, ...] = ()
 
 
 @dataclass

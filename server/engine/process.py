@@ -144,6 +144,9 @@ class EngineProcess(AdmissionControl):
     def abort_all(self, message: str) -> None:
         self._send(("abort_all", message))
 
+    def unpin_media(self, digests: list[str]) -> None:
+        self._send(("unpin", digests))
+
     def shutdown(self) -> None:
         wedged = self.wedged
         self._stopping = self._closing = True
@@ -378,6 +381,8 @@ def _obey(
                 handle.cancelled.set()
         elif kind == "abort_all":
             engine.abort_all(command[1])
+        elif kind == "unpin":
+            engine.unpin_media(command[1])
         elif kind == "shutdown":
             return False
     return True

@@ -112,6 +112,9 @@ class ModelRunner:
             elapsed = time.monotonic() - start
             for kind in {item.kind for item in todo}:
                 self.observer.encoder_time(kind, elapsed)
+        for request in requests:
+            for digest in request.pinned:
+                self.encoder_cache.pin(digest, results[digest])
         return [[results[item.digest] for item in request.media] for request in requests]
 
     @torch.inference_mode()

@@ -13,6 +13,10 @@ every transition of a sequence's scheduling state. Each engine iteration:
     decode_batch()          the sequences that decode one token now
     update_decoded(batch)   their new token is in the cache
     finish(sequence)        wherever it is, when it ends (done, failed or cancelled)
+
+The choices of one prompt (OpenAI's n) are admitted together: the leader with its followers,
+which hold slots in phase FORK until the leader's prompt is complete, then decode from a copy
+of its K/V (one prefill for n choices).
 """
 
 from __future__ import annotations
@@ -85,12 +89,20 @@ class Scheduler:
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into free slots, oldest first."""
         admitted = []
-        while self.waiting and self.free_slots:
+        # a leader only when there is a slot for each of its followers too (they take theirs
+        # in phase FORK and are not returned: their prompt is the leader's)
+        while self.waiting and len(self.free_slots) > len(self.waiting[0].followers):
             sequence = self.waiting.popleft()
             sequence.slot = self._take_slot()
             sequence.phase = Phase.PREFILL
             self.running.append(sequence)
             admitted.append(sequence)
+            for follower in sequence.followers:
+                follower.slot = self._take_slot()
+                if self.prefix_cache is not None:
+                    self.prefix_cache.drop(follower.slot)  # written from now on
+                follower.phase = Phase.FORK
+                self.running.append(follower)
         return admitted
 
     def place(self, sequence: Sequence) -> list[Copy]:
@@ -136,7 +148,8 @@ class Scheduler:
     def update(self, plan: StepPlan, written: Iterable[PrefillChunk]) -> list[Sequence]:
         """Apply the prefill results: the chunks `written` (those of failed runs are not, and
         their sequences were finished) advance their sequences. Returns the sequences whose
-        prompt is now complete, in order; they decode from now on."""
+        prompt is now complete, in order, each leader followed by its followers (whose slots
+        must get a copy of its K/V); they decode from now on."""
         completed = []
         for chunk in written:
             sequence = chunk.sequence
@@ -144,6 +157,12 @@ class Scheduler:
             if chunk.completes_prompt:
                 sequence.phase = Phase.DECODE
                 completed.append(sequence)
+                for follower in sequence.followers:
+                    follower.phase = Phase.DECODE
+                    follower.prompt_len = sequence.prompt_len
+                    follower.prefilled = follower.length = sequence.length
+                    completed.append(follower)
+                sequence.followers = []
         return completed
 
     def next_prefills(self) -> list[PrefillChunk]:
@@ -211,6 +230,8 @@ class Scheduler:
                 self.prefix_cache.keep(sequence.slot, sequence.written_keys())
         elif sequence in self.waiting:
             self.waiting.remove(sequence)
+        if sequence.leader is not None and sequence in sequence.leader.followers:
+            sequence.leader.followers.remove(sequence)
         sequence.slot = -1
 
     @property

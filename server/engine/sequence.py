@@ -13,6 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import llguidance
     import torch
 
     from xllm.model.detokenize import SequenceState
@@ -25,6 +26,7 @@ class Phase(Enum):
     WAITING = "waiting"  # queued, no slot yet
     PREFILL = "prefill"  # has a slot; prompt being written into it, chunk by chunk
     DECODE = "decode"  # generating, one token per iteration
+    FORK = "fork"  # has a slot; waits for its leader's prompt, then copies its K/V
 
 
 @dataclass(eq=False)  # identity: a sequence is itself, whatever its fields say
@@ -39,12 +41,17 @@ class Sequence:
     prompt_len: int = 0  # set once the prompt is laid out
     prefilled: int = 0  # prompt positions already in the slot
     length: int = 0  # positions in the slot (prompt + generated)
+    # OpenAI's n: the leader (choice 0) prefills the prompt for its followers (the other
+    # choices), admitted with it; they copy its K/V once its prompt is complete
+    leader: Sequence | None = None
+    followers: list[Sequence] = field(default_factory=list)
 
     # --- generation state: the ModelRunner's ---
     state: SequenceState | None = None
     embeds: torch.Tensor | None = None  # (L, H) prompt embeddings until prefill is done
     generator: torch.Generator | None = None
     next_token: int | None = None  # sampled, not yet written into the cache
+    matcher: llguidance.LLMatcher | None = None  # request.grammar's state, when it has one
     last_token_at: float = 0.0
     # usage details of its prompt: positions per media kind (set once it is laid out), and the
     # positions whose K/V were reused rather than prefilled

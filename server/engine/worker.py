@@ -82,6 +82,7 @@ class EngineLoop:
             config.max_batch, config.prefill_chunk, prefix_cache=prefix_cache
         )
         self._inbox: queue.Queue[Sequence] = queue.Queue()
+        self._unpins: queue.Queue[list[str]] = queue.Queue()
         self._wake = threading.Event()
         self._exit = False
         self._abort_message: str | None = None
@@ -129,6 +130,11 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="xllm-engine", daemon=True)
         self._thread.start()
 
+    def unpin_media(self, digests: list[str]) -> None:
+        """Thread-safe: these encoder outputs return to the LRU (at the next iteration)."""
+        self._unpins.put(list(digests))
+        self._wake.set()
+
     def abort_all(self, message: str) -> None:
         """Thread-safe: every queued and running request ends with an error event."""
         self._abort_message = message
@@ -146,6 +152,7 @@ class EngineLoop:
             while not self._exit:
                 self._heartbeat = time.monotonic()
                 self._take_in()
+                self._unpin()
                 self._drop_cancelled()
                 if self._abort_message is not None:
                     self._fail_all(self._abort_message)
@@ -167,6 +174,11 @@ class EngineLoop:
             self.dead = exc
             self._fail_all(WORKER_FAILED)
             raise
+
+    def _unpin(self) -> None:
+        while not self._unpins.empty():
+            for digest in self._unpins.get_nowait():
+                self.runner.encoder_cache.unpin(digest)
 
     def _take_in(self) -> None:
         while True:

@@ -42,6 +42,7 @@ async def completions(
     inputs = service.from_completion(body, f"cmpl-{request_id}")
     created = int(time.time())
     generations = await until_disconnected(request, service.start_all(inputs))
+    inputs = [chat for chat in inputs for _ in range(chat.n)]  # per choice: prompt i's n in a row
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chunks(service, inputs, generations, body, created, include_usage)

@@ -15,7 +15,7 @@ from xllm.server.deps import (
     ServiceDep,
     until_disconnected,
 )
-from xllm.server.engine.events import ErrorEvent, Event, FinishEvent, TokenLogprobs
+from xllm.server.engine.events import ErrorEvent, Event, FinishEvent, TokenLogprobs, Usage
 from xllm.server.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -25,12 +25,23 @@ from xllm.server.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
+    FunctionCall,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
+    ToolCall,
+    ToolCallDelta,
     UsageInfo,
 )
 from xllm.server.routers.responses import MEDIA_ERRORS, STREAM_REPLY, sse, sse_error
-from xllm.server.serving import ChatService, Generation
+from xllm.server.serving import (
+    ChatInput,
+    ChatService,
+    Completion,
+    Generation,
+    merged_event_batches,
+)
+from xllm.server.structured import ToolCallStream, ToolPlan, call_id
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -56,78 +67,135 @@ async def chat_completions(
     completion_id = f"chatcmpl-{request_id}"
     chat_input = await service.from_openai(body, completion_id, owner)
     created = int(time.time())
+    generations = await until_disconnected(request, service.start_choices(chat_input))
     if body.stream:
-        generation = await until_disconnected(request, service.start(chat_input))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _chunks(service, generation, created, include_usage), media_type="text/event-stream"
+        chunks = _chunks(
+            service, completion_id, generations, created, include_usage, chat_input.tools
         )
-    return await until_disconnected(request, _complete(service, chat_input, created))
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    return await until_disconnected(request, _complete(service, chat_input, generations, created))
 
 
-async def _complete(service: ChatService, chat_input, created: int) -> ChatCompletion:
-    done = await service.complete(chat_input)
+async def _complete(
+    service: ChatService, chat_input: ChatInput, generations: list[Generation], created: int
+) -> ChatCompletion:
+    try:
+        done = [await generation.collect() for generation in generations]
+    finally:
+        for generation in generations:
+            generation.cancel()
     asked = chat_input.overrides.get("logprobs") is not None
     return ChatCompletion(
         id=chat_input.request_id,
         created=created,
         model=service.model_name,
         choices=[
-            Choice(
-                index=0,
-                message=AssistantMessage(content=done.text),
-                finish_reason=done.finish_reason,  # type: ignore[arg-type]
-                logprobs=ChoiceLogprobs.of(done.logprobs) if asked else None,
-            )
+            _choice(index, completion, chat_input.tools, asked)
+            for index, completion in enumerate(done)
         ],
-        usage=UsageInfo.of(done.usage),
+        usage=UsageInfo.of(sum((c.usage for c in done), Usage(0, 0))),  # the prompt once
     )
 
 
-async def _chunks(
-    service: ChatService, generation: Generation, created: int, include_usage: bool
-) -> AsyncIterator[str]:
-    pending: list[TokenLogprobs] = []  # logprobs of tokens whose text is not out yet
+def _choice(index: int, completion: Completion, tools: ToolPlan | None, asked: bool) -> Choice:
+    """A choice's text, or (a forced tool call) its call: finish_reason "tool_calls" once the
+    call is whole, "length" when the tokens ran out first (its arguments cut short)."""
+    logprobs = ChoiceLogprobs.of(completion.logprobs) if asked else None
+    finish = completion.finish_reason
+    if tools is None:
+        message = AssistantMessage(content=completion.text)
+        return Choice(index=index, message=message, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+    call = ToolCallStream(tools)
+    name, arguments = call.push(completion.text)
+    arguments += call.finish()
+    if name is None:  # not even the function's name came out
+        message = AssistantMessage(content=completion.text)
+    else:
+        function = FunctionCall(name=name, arguments=arguments)
+        message = AssistantMessage(
+            content=None, tool_calls=[ToolCall(id=call_id(), function=function)]
+        )
+    finish = "tool_calls" if call.complete else finish
+    return Choice(index=index, message=message, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
 
-    def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
+
+async def _chunks(
+    service: ChatService,
+    completion_id: str,
+    generations: list[Generation],
+    created: int,
+    include_usage: bool,
+    tools: ToolPlan | None,
+) -> AsyncIterator[str]:
+    """Per choice a role chunk, its deltas (with their tokens' logprobs when asked) and its
+    finish_reason; the usage of all choices last when asked, then [DONE]. A forced tool call
+    streams as OpenAI's tool_call deltas: the id and name first, then the arguments' text."""
+    pending: list[list[TokenLogprobs]] = [[] for _ in generations]  # tokens whose text waits
+    usage = Usage(0, 0)  # of the choices that ended
+    calls = [ToolCallStream(tools) for _ in generations] if tools else []
+
+    def call_delta(index: int, text: str, final: bool) -> DeltaMessage | None:
+        name, arguments = calls[index].push(text)
+        if final:
+            arguments += calls[index].finish()
+        if name is not None:
+            function = FunctionCallDelta(name=name, arguments=arguments)
+            delta = ToolCallDelta(index=0, id=call_id(), type="function", function=function)
+        elif arguments:
+            delta = ToolCallDelta(index=0, function=FunctionCallDelta(arguments=arguments))
+        else:
+            return None
+        return DeltaMessage(tool_calls=[delta])
+
+    def chunk(index: int, delta: DeltaMessage, finish: str | None = None) -> str:
         logprobs = None
-        if pending:
-            logprobs = ChoiceLogprobs.of(pending)
-            pending.clear()
-        choice = ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
+        if pending[index]:
+            logprobs = ChoiceLogprobs.of(pending[index])
+            pending[index] = []
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
         body = ChatCompletionChunk(
-            id=generation.request_id,
-            created=created,
-            model=service.model_name,
-            choices=[choice],
+            id=completion_id, created=created, model=service.model_name, choices=[choice]
         )
         return sse(body.model_dump_json())
 
-    def render(event: Event) -> str:
+    def render(index: int, event: Event) -> str:
+        nonlocal usage
         if isinstance(event, ErrorEvent):
             return sse_error(event)
         if event.logprobs is not None:
-            pending.append(event.logprobs)
-        text = chunk(DeltaMessage(content=event.text)) if event.text else ""
+            pending[index].append(event.logprobs)
+        final = isinstance(event, FinishEvent)
+        if calls:
+            delta = call_delta(index, event.text, final)
+        else:
+            delta = DeltaMessage(content=event.text) if event.text else None
+        text = chunk(index, delta) if delta is not None else ""
         if isinstance(event, FinishEvent):
-            text += chunk(DeltaMessage(), event.finish_reason)
-            if include_usage:
-                usage = ChatCompletionChunk(
-                    id=generation.request_id,
-                    created=created,
-                    model=service.model_name,
-                    choices=[],
-                    usage=UsageInfo.of(event.usage),
-                )
-                text += sse(usage.model_dump_json())
+            usage += event.usage
+            finish = "tool_calls" if calls and calls[index].complete else event.finish_reason
+            text += chunk(index, DeltaMessage(), finish)
         return text
 
     try:
-        yield chunk(DeltaMessage(role="assistant", content=""))
-        async for batch in generation.event_batches():  # several events: one write
-            text = "".join(render(event) for event in batch)
+        yield "".join(
+            chunk(index, DeltaMessage(role="assistant", content=None if tools else ""))
+            for index in range(len(generations))
+        )
+        async for index, batch in merged_event_batches(generations):  # several events: one write
+            text = "".join(render(index, event) for event in batch)
             if text:
                 yield text
+        if include_usage:
+            last = ChatCompletionChunk(
+                id=completion_id,
+                created=created,
+                model=service.model_name,
+                choices=[],
+                usage=UsageInfo.of(usage),
+            )
+            yield sse(last.model_dump_json())
         yield sse("[DONE]")
     finally:
-        generation.cancel()
+        for generation in generations:
+            generation.cancel()

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.media import make_png, make_wav
-from tests.servers import InProcessServer
+from tests.servers import InProcessServer, wait_until
 from xllm.server.files import FileLimits, FileStore
 
 RED = make_png(color=(200, 30, 30))
@@ -152,3 +152,23 @@ def test_handles_expire_and_a_directory_keeps_them_across_restarts(tmp_path):
     forever = memory.add("o", "a.png", "vision", "image", RED, prepared=None)  # type: ignore[arg-type]
     now[0] += 10**9
     assert memory.get("o", forever.id).data == RED
+
+
+def test_a_handles_encoding_is_kept_while_it_lives(tiny_model):
+    """With no encoder cache at all (--encoder-cache-mb 0) a handle's media are still encoded
+    once: the engine keeps its encoder output pinned until the handle is deleted."""
+    with InProcessServer(tiny_model, encoder_cache_mb=0) as server:
+        client = client_for(server.url)
+        cache = server.engine.runner.encoder_cache
+        uploaded = client.files.create(file=("red.png", RED, "image/png"), purpose="vision")
+        replies = [
+            client.chat.completions.create(model="m", messages=user(handle(uploaded.id)), **GREEDY)
+            for _ in range(2)
+        ]
+        assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+        assert len(cache.pinned) == 1 and cache.hits == 1  # the second request's encoding
+        client.chat.completions.create(model="m", messages=user(inline(RED)), **GREEDY)
+        assert cache.hits == 2  # the same content inline finds it too
+        client.files.delete(uploaded.id)
+        wait_until(lambda: not cache.pinned, 30, "the engine to unpin the deleted handle's media")
+        assert len(cache) == 0  # back into an LRU that holds nothing
