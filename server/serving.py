@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from xllm.model.config import Modality
@@ -28,7 +28,7 @@ from xllm.model.media import (
 )
 from xllm.model.preprocess import MediaPreparer, PreparedMedia
 from xllm.model.prompt import PromptError, bind_media
-from xllm.model.sampling import SamplingParams, sampling_params
+from xllm.model.sampling import SamplingParams, choice_seed, sampling_params
 from xllm.server.engine.admission import EngineFull, EngineUnavailable
 from xllm.server.engine.contract import EngineClient
 from xllm.server.engine.events import (
@@ -46,6 +46,7 @@ from xllm.server.files import FileLimits, FileStore, StoredFile
 from xllm.server.metrics import Metrics
 from xllm.server.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.server.remote_media import RemoteMediaFetcher
+from xllm.server.structured import ToolPlan, call_text, response_format_grammar, tool_plan
 
 log = logging.getLogger("xllm.serving")
 
@@ -65,6 +66,9 @@ class ChatInput:
     overrides: dict[str, Any] = field(default_factory=dict)  # sampling fields the client set
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     prompt: str | None = None  # raw text instead of turns: no chat template (/v1/completions)
+    n: int = 1  # choices (OpenAI's n): one prefill, n slots
+    grammar: str | None = None  # structured outputs: what the text must match (model/grammar.py)
+    tools: ToolPlan | None = None  # a forced tool call: how to read the text as one
 
 
 @dataclass
@@ -265,18 +269,30 @@ class ChatService:
             generation.cancel()
 
     async def start_all(self, chats: list[ChatInput]) -> list[Generation]:
-        """Start several requests (the choices of one reply); if one is refused, none runs."""
-        started = await asyncio.gather(*(self.start(c) for c in chats), return_exceptions=True)
+        """Start several requests (the choices of one reply, each input's n in a row); if one
+        is refused, none runs."""
+        started = await asyncio.gather(
+            *(self.start_choices(c) for c in chats), return_exceptions=True
+        )
         failed = [r for r in started if isinstance(r, BaseException)]
         if failed:
             for result in started:
-                if isinstance(result, Generation):
-                    result.cancel()
+                if not isinstance(result, BaseException):
+                    for generation in result:
+                        generation.cancel()
             raise failed[0]
-        return started  # type: ignore[return-value]
+        return [generation for result in started for generation in result]  # type: ignore[union-attr]
 
     async def start(self, chat: ChatInput) -> Generation:
+        """Start one request (n = 1)."""
+        (generation,) = await self.start_choices(chat)
+        return generation
+
+    async def start_choices(self, chat: ChatInput) -> list[Generation]:
+        """Start the chat.n choices of one request: its media decoded once, n places claimed
+        (all or none), its prompt prefilled once for all of them (EngineRequest.group)."""
         params, max_tokens_given = self._params(chat.overrides)
+        self._check_choices(chat.n)
         self._check_media_count(len(chat.media))
         texts = chat.turns if chat.prompt is None else [("user", chat.prompt)]
         self._check_prompt_size(texts)
@@ -300,12 +316,7 @@ class ChatService:
                 self.preparer.check_kind(item.kind)
             except ValueError as exc:
                 raise ServingError(str(exc), 400) from None
-        try:
-            self.engine.reserve()
-        except EngineFull as exc:
-            raise ServingError(str(exc), 429, retry_after=self._retry_after()) from None
-        except EngineUnavailable as exc:
-            raise ServingError(str(exc), 503, retry_after=5) from None
+        self._reserve(chat.n)
         arrival = time.monotonic()
         timeout = self.limits.request_timeout
         deadline = arrival + timeout if timeout else None
@@ -314,7 +325,7 @@ class ChatService:
             # request past --request-timeout; its decoding thread finishes on its own).
             prepared = await asyncio.wait_for(self._prepare_media(chat.media), timeout)
         except TimeoutError:
-            self.engine.release()
+            self._release(chat.n)
             raise ServingError(
                 f"the request timed out after {timeout:g} s (--request-timeout) while its "
                 "media were being decoded",
@@ -322,26 +333,70 @@ class ChatService:
                 "timeout",
             ) from None
         except BaseException:
-            self.engine.release()
+            self._release(chat.n)
             raise
-        handle = RequestHandle(chat.request_id, asyncio.get_running_loop())
-        request = EngineRequest(
-            chat.request_id, messages, prepared, params, max_tokens_given, arrival, chat.prompt
-        )
-        request.pinned = tuple(
-            p.digest for p, m in zip(prepared, chat.media, strict=True) if m.pinned
-        )
-        if chat.prompt is not None and chat.overrides.get("echo") and params.logprobs is not None:
-            request.prompt_logprobs = params.logprobs
-        self.engine.submit(request, handle)
+        pinned = tuple(p.digest for p, m in zip(prepared, chat.media, strict=True) if m.pinned)
+        group = uuid.uuid4().hex if chat.n > 1 else None
+        handles = []
+        for choice in reversed(range(chat.n)):  # the followers first: choice 0 prefills
+            request_id = f"{chat.request_id}-{choice}" if choice else chat.request_id
+            handle = RequestHandle(request_id, asyncio.get_running_loop())
+            request = EngineRequest(
+                request_id,
+                messages,
+                prepared,
+                replace(params, seed=choice_seed(params.seed, choice)),
+                max_tokens_given,
+                arrival,
+                chat.prompt,
+                group=group,
+                choice=choice,
+                grammar=chat.grammar,
+                pinned=pinned,
+            )
+            if (
+                chat.prompt is not None
+                and chat.overrides.get("echo")
+                and params.logprobs is not None
+            ):
+                request.prompt_logprobs = params.logprobs
+            self.engine.submit(request, handle)
+            handles.insert(0, handle)
+        generations = []
         try:
-            first = await _next_event(handle, deadline, timeout)
-        except BaseException:  # the client left while waiting: the slot must not leak
-            handle.cancel()
+            for handle in handles:
+                first = await _next_event(handle, deadline, timeout)
+                if isinstance(first, ErrorEvent):
+                    raise ServingError(first.message, first.status, first.type)
+                generations.append(Generation(handle, first, deadline, timeout))
+        except BaseException:  # refused, or the client left while waiting: no slot may leak
+            for handle in handles:
+                handle.cancel()
             raise
-        if isinstance(first, ErrorEvent):
-            raise ServingError(first.message, first.status, first.type)
-        return Generation(handle, first, deadline, timeout)
+        return generations
+
+    def _check_choices(self, n: int) -> None:
+        slots = self.engine.config.max_batch
+        if n > slots:
+            raise ServingError(
+                f"n={n} choices need {n} KV slots at once; this server has {slots} (--max-batch)",
+                400,
+            )
+
+    def _reserve(self, count: int) -> None:
+        """Claim `count` places in the engine, all or none."""
+        for taken in range(count):
+            try:
+                self.engine.reserve()
+            except (EngineFull, EngineUnavailable) as exc:
+                self._release(taken)
+                if isinstance(exc, EngineFull):
+                    raise ServingError(str(exc), 429, retry_after=self._retry_after()) from None
+                raise ServingError(str(exc), 503, retry_after=5) from None
+
+    def _release(self, count: int) -> None:
+        for _ in range(count):
+            self.engine.release()
 
     def _check_prompt_size(self, turns: list[tuple[str, str]]) -> None:
         context = self.engine.max_model_len
@@ -408,12 +463,10 @@ class ChatService:
     ) -> ChatInput:
         """An OpenAI request as a ChatInput; `owner` (see files.owner_of) resolves its media
         handles."""
-        unsupported = {
-            "n": request.n not in (None, 1),
-            "tools": bool(request.tools) or request.tool_choice not in (None, "none"),
-            "response_format": request.response_format not in (None, {"type": "text"}),
-        }
-        _refuse_unsupported(unsupported)
+        tools = tool_plan(request.tools, request.tool_choice, request.response_format)
+        grammar = tools.grammar if tools else response_format_grammar(request.response_format)
+        if grammar is not None and request.min_tokens:
+            raise ServingError("min_tokens cannot be combined with response_format or tools", 400)
         if request.top_logprobs is not None and not request.logprobs:
             raise ServingError("'top_logprobs' needs 'logprobs': true", 400)
         # Counted before any URL is fetched or data URI decoded.
@@ -428,9 +481,12 @@ class ChatService:
         turns: list[tuple[str, str]] = []
         media: list[MediaInput] = []
         for message in request.messages:
-            role = "system" if message.role == "developer" else message.role
+            role = {"developer": "system", "tool": "observation"}.get(message.role, message.role)
+            calls = [
+                call_text(c.function.name, c.function.arguments) for c in message.tool_calls or []
+            ]
             if message.content is None or isinstance(message.content, str):
-                turns.append((role, message.content or ""))
+                turns.append((role, "\n".join([message.content or "", *calls]).strip("\n")))
                 continue
             text = ""
             for part in message.content:
@@ -458,13 +514,14 @@ class ChatService:
         if isinstance(request.stop, str):
             overrides["stop"] = [request.stop]
         overrides["logprobs"] = (request.top_logprobs or 0) if request.logprobs else None
-        return ChatInput(turns, media, overrides, request_id)
+        return ChatInput(
+            turns, media, overrides, request_id, n=request.n or 1, grammar=grammar, tools=tools
+        )
 
     # --- OpenAI legacy completion request -> one ChatInput per prompt ---
     def from_completion(self, request: CompletionRequest, request_id: str) -> list[ChatInput]:
         _refuse_unsupported(
             {
-                "n": request.n not in (None, 1),
                 "best_of": request.best_of not in (None, 1),
                 "logit_bias": bool(request.logit_bias),
                 "suffix": request.suffix is not None,
@@ -478,7 +535,14 @@ class ChatService:
         if isinstance(request.stop, str):
             overrides["stop"] = [request.stop]
         return [
-            ChatInput([], [], dict(overrides), f"{request_id}-{i}" if i else request_id, prompt)
+            ChatInput(
+                [],
+                [],
+                dict(overrides),
+                f"{request_id}-p{i}" if i else request_id,
+                prompt,
+                n=request.n or 1,
+            )
             for i, prompt in enumerate(prompts)
         ]
 

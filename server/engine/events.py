@@ -26,6 +26,13 @@ class EngineRequest:
     prompt: str | None = None  # raw text, no chat template (/v1/completions); messages unused
     # k: the prompt tokens' own logprobs (k alternatives each), in a PromptLogprobsEvent first
     prompt_logprobs: int | None = None
+    # The n choices of one prompt (OpenAI's `n`) are n requests of one group: choice 0 prefills
+    # the prompt once, the others copy its K/V into their own slots and sample on their own.
+    # They are submitted together, choice 0 last.
+    group: str | None = None
+    choice: int = 0
+    # structured outputs: the grammar (model/grammar.py) every choice's text must match
+    grammar: str | None = None
     # digests of media whose encoder outputs stay until released (media handles' encodings)
     pinned: tuple[str, ...] = ()
 

@@ -314,6 +314,9 @@ class _ForwardingObserver(EngineObserver):
     def encoder_time(self, modality: str, seconds: float) -> None:
         self._forward("encoder_time", modality, seconds)
 
+    def prefill(self, positions: int) -> None:
+        self._forward("prefill", positions)
+
     def request_done(self, seconds: float) -> None:
         self._forward("request_done", seconds)
 

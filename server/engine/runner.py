@@ -17,6 +17,7 @@ import torch
 
 from xllm.model.detokenize import IncrementalDetokenizer, SequenceState, TokenBytes, eos_token_ids
 from xllm.model.generate import CompileOptions, SlotDecoder, prefill_rows
+from xllm.model.grammar import GrammarError, GrammarGuide
 from xllm.model.kv_cache import SlotKVCache
 from xllm.model.prompt import PromptLayout
 from xllm.model.sampling import Sampled, SampledLogprobs, make_generator, prompt_logprobs, sample
@@ -84,6 +85,8 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(config.encoder_cache_mb * 2**20)
         self.eos = eos_token_ids(model.llm, model.tokenizer)
         self.token_bytes = TokenBytes(model.tokenizer)  # for logprobs
+        vocab_size = model.llm.get_output_embeddings().weight.shape[0]  # the logits' width
+        self.guide = GrammarGuide(model.tokenizer, vocab_size, self.eos)  # structured outputs
 
     def _compile_options(self, config: EngineConfig) -> CompileOptions | None:
         device = self.model.device
@@ -143,6 +146,11 @@ class ModelRunner:
                 "invalid_request_error",
             )
         params.min_tokens = min(params.min_tokens, params.max_tokens)
+        if request.grammar is not None:
+            try:
+                sequence.matcher = self.guide.matcher(request.grammar)
+            except GrammarError as exc:
+                return ErrorEvent(str(exc), 400, "invalid_request_error")
         sequence.embeds = self.model.embed(layout, media)
         sequence.state = SequenceState(
             params,
@@ -170,6 +178,26 @@ class ModelRunner:
             return
         self.cache.move(old_slot, sequence.slot, sequence.length)
 
+    def fork(self, sequence: Sequence, leader: Sequence) -> None:
+        """A follower (another choice of the leader's prompt) starts where the leader's prompt
+        ends: a copy of its K/V and of its settled parameters, with its own seed."""
+        assert leader.state is not None
+        self.cache.move(leader.slot, sequence.slot, leader.length)
+        params = replace(leader.state.params, seed=sequence.request.params.seed)
+        sequence.request.params = params
+        sequence.state = SequenceState(
+            params,
+            self.eos,
+            IncrementalDetokenizer(self.model.tokenizer),
+            strip_leading_newline=sequence.request.prompt is None,
+        )
+        sequence.generator = make_generator(params.seed)
+        if sequence.request.grammar is not None:
+            sequence.matcher = self.guide.matcher(sequence.request.grammar)
+        sequence.media_tokens = leader.media_tokens
+        sequence.prompt_ids = leader.prompt_ids
+        sequence.prompt_entries = list(leader.prompt_entries)
+
     def copy(self, copy: Copy) -> None:
         """Prefix reuse: K/V positions copied from one slot into another."""
         self.cache.move(copy.source, copy.target, copy.length)
@@ -184,6 +212,7 @@ class ModelRunner:
             assert chunk.sequence.embeds is not None
             pieces.append((chunk.sequence.embeds[chunk.start : chunk.end], chunk.start))
         first_slot = run[0].sequence.slot
+        self.observer.prefill(sum(chunk.end - chunk.start for chunk in run))
         if run[0].sequence.scores_prompt:
             every = prefill_rows(self.model.llm, self.cache, first_slot, pieces, True)
             return self._score_prompt(run[0], every[0])
@@ -202,18 +231,27 @@ class ModelRunner:
         return logits[-1:]
 
     def decode(self, batch: list[Sequence]) -> torch.Tensor:
-        """One decode step: each sequence's pending token written at its length; logits (B, V)."""
-        return self.decoder(
+        """One decode step: each sequence's pending token written at its length; logits (B, V),
+        those of constrained rows masked by their grammars (computed during the forward)."""
+        masks = self.guide.start([s.matcher for s in batch])
+        logits = self.decoder(
             [s.slot for s in batch],
             [s.next_token for s in batch],  # type: ignore[misc]
             [s.length for s in batch],
         )
+        return self.guide.apply(logits, masks)
+
+    def constrain(self, batch: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) of the batch with the constrained rows masked by their grammars."""
+        return self.guide.apply(logits, self.guide.start([s.matcher for s in batch]))
 
     # --- sampling ---
     def sample(self, batch: list[Sequence], logits: torch.Tensor) -> SampleOutcome:
         """One token per row of logits (B, V): the event for each sequence, in batch order."""
         outcome = SampleOutcome()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        # -inf is a token a grammar forbids; NaN, +inf or a row with nothing finite is a fault
+        broken = logits.isnan() | logits.isposinf()
+        finite = (~broken.any(dim=-1) & logits.isfinite().any(dim=-1)).tolist()
         bad = [s for s, ok in zip(batch, finite, strict=True) if not ok]
         if bad:
             outcome.failures.append(Failure(bad, "the model produced NaN or infinite logits"))
@@ -229,6 +267,10 @@ class ModelRunner:
             state = sequence.state
             assert state is not None
             text = state.append(token)
+            if sequence.matcher is not None:
+                sequence.matcher.consume_token(token)
+                if state.finish_reason is None and sequence.matcher.is_stopped():
+                    text += state.end("stop")  # the grammar is complete: nothing may follow
             if len(state.tokens) == 1:
                 self.observer.first_token(now - sequence.request.arrival)
             else:
@@ -241,7 +283,7 @@ class ModelRunner:
                 outcome.events.append((sequence, TokenEvent(text, token, logprobs)))
                 continue
             usage = Usage(
-                sequence.prompt_len,
+                0 if sequence.request.choice else sequence.prompt_len,  # n choices: counted once
                 len(state.tokens),
                 sequence.cached_tokens,
                 sequence.media_tokens,

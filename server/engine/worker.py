@@ -83,6 +83,7 @@ class EngineLoop:
         )
         self._inbox: queue.Queue[Sequence] = queue.Queue()
         self._unpins: queue.Queue[list[str]] = queue.Queue()
+        self._forks: dict[str, list[Sequence]] = {}  # followers taken in before their leader
         self._wake = threading.Event()
         self._exit = False
         self._abort_message: str | None = None
@@ -181,24 +182,50 @@ class EngineLoop:
                 self.runner.encoder_cache.unpin(digest)
 
     def _take_in(self) -> None:
+        """Queue the submitted sequences; the followers of a group (submitted before their
+        leader) wait with their leader, not on their own."""
         while True:
             try:
                 sequence = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            group = sequence.request.group
+            if group is not None and sequence.request.choice > 0:
+                self._forks.setdefault(group, []).append(sequence)
+                continue
+            if group is not None:
+                sequence.followers = self._forks.pop(group, [])
+                for follower in sequence.followers:
+                    follower.leader = sequence
             self.scheduler.add(sequence)
 
+    def _every_sequence(self) -> list[Sequence]:
+        """Waiting (followers of waiting leaders included) and running sequences."""
+        waiting = self.scheduler.waiting
+        followers = [f for s in waiting for f in s.followers]
+        parked = [f for group in self._forks.values() for f in group]
+        return [*waiting, *followers, *parked, *self.scheduler.running]
+
     def _drop_cancelled(self) -> None:
-        for sequence in [*self.scheduler.waiting, *self.scheduler.running]:
+        for sequence in self._every_sequence():
             if sequence.handle.cancelled.is_set():
                 self._finish(sequence)
 
     def _finish(self, sequence: Sequence, event: FinishEvent | ErrorEvent | None = None) -> None:
-        """End a sequence: with its final event, or with none (cancelled: nobody listens)."""
+        """End a sequence: with its final event, or with none (cancelled: nobody listens). A
+        leader whose prompt was never complete takes its followers with it."""
         self.scheduler.finish(sequence, keep=not isinstance(event, ErrorEvent))
         self._ended(sequence, event)  # before the event: whoever sees the end sees the place free
         if event is not None:
             sequence.handle.push(event)
+        for follower in list(sequence.followers):
+            if event is None and not follower.handle.cancelled.is_set():
+                event = ErrorEvent("the request's first choice was cancelled", 500)
+            self._finish(follower, event)
+        if sequence.request.group is not None:
+            parked = self._forks.get(sequence.request.group, [])
+            if sequence in parked:
+                parked.remove(sequence)
 
     def _ended(self, sequence: Sequence, event: FinishEvent | ErrorEvent | None) -> None:
         """A sequence left the loop; `event`, its final one, follows (None: cancelled)."""
@@ -219,7 +246,7 @@ class EngineLoop:
 
     def _fail_all(self, message: str) -> None:
         self._take_in()
-        self._fail(Failure([*self.scheduler.waiting, *self.scheduler.running], message))
+        self._fail(Failure(self._every_sequence(), message))
 
     def _admit(self) -> None:
         admitted = self.scheduler.admit()
@@ -261,7 +288,7 @@ class EngineLoop:
         plan = self.scheduler.schedule()
         for sequence, old_slot in plan.moves:
             self.runner.move(sequence, old_slot, plan.exchanged.get(sequence.slot, 0))
-        written, rows = [], []
+        written, last = [], {}  # last: per completed prompt, its last position's logits
         for run in plan.prefill_runs:
             try:
                 logits = self.runner.prefill(run)
@@ -272,14 +299,21 @@ class EngineLoop:
             for row, chunk in enumerate(run):
                 written.append(chunk)
                 if chunk.completes_prompt:
-                    rows.append(logits[row : row + 1])
+                    last[chunk.sequence] = logits[row : row + 1]
         completed = self.scheduler.update(plan, written)
+        rows = []
         for sequence in completed:
+            if sequence.leader is not None:  # a follower: its leader's K/V and first logits
+                self.runner.fork(sequence, sequence.leader)
+                rows.append(last[sequence.leader])
+                sequence.leader = None
+            else:
+                rows.append(last[sequence])
             if sequence.scores_prompt:
                 sequence.handle.push(PromptLogprobsEvent(tuple(sequence.prompt_entries)))
             sequence.embeds = None
         if completed:
-            self._sample(completed, torch.cat(rows))
+            self._sample(completed, self.runner.constrain(completed, torch.cat(rows)))
         return bool(completed)
 
     def _decode(self) -> None:
