@@ -4,8 +4,8 @@ A recording of any length is decoded once, split at its pauses into utterance-si
 (`model/media/segments.py`, each within one speech-encoder window and at most 30 s), and every
 segment becomes one chat request asking the model's ASR instruction (`ASR_INSTRUCTION`, as in
 training and evaluation) about that segment's audio. The segments run as concurrent requests
-(batched by the engine, at most `max_batch` started ahead of the one being read) and their texts
-join in order.
+(batched by the engine, at most `max_batch` started ahead of the one being read; a segment's
+features are made when it starts) and their texts join in order.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,20 +100,19 @@ class TextJoiner:
 
 
 class TranscriptionRun:
-    """A running transcription: its segments' requests, started in order, `window` ahead."""
+    """A running transcription: its segments' requests, started in order, `window` ahead of the
+    one being read (so at most `window` segments hold features or places at once)."""
 
     def __init__(
         self,
-        service: ChatService,
-        chats: list[ChatInput],
+        start: Callable[[int], Awaitable[Generation]],
         segments: list[AudioSegment],
         duration: float,
         window: int,
     ) -> None:
         self.duration = duration
         self.segments = segments
-        self._service = service
-        self._chats = chats
+        self._start = start  # segment index -> its running request
         self._window = max(1, window)
         self._started: deque[asyncio.Future[Generation]] = deque()
         self._next = 0  # the next segment to start
@@ -134,9 +133,8 @@ class TranscriptionRun:
                 raise
 
     def _fill(self) -> None:
-        while self._next < len(self._chats) and len(self._started) < self._window:
-            chat = self._chats[self._next]
-            self._started.append(asyncio.ensure_future(self._service.start(chat)))
+        while self._next < len(self.segments) and len(self._started) < self._window:
+            self._started.append(asyncio.ensure_future(self._start(self._next)))
             self._next += 1
 
     async def generations(self) -> AsyncIterator[Generation]:
@@ -192,13 +190,13 @@ class TranscriptionRun:
             elif not started.cancelled() and started.exception() is None:
                 started.result().cancel()  # it had started: its request goes
         self._started.clear()
-        self._next = len(self._chats)
+        self._next = len(self.segments)
         if self._current is not None:
             self._current.cancel()
 
 
 class Transcriber:
-    """Turns an audio file into a running `Transcription` through the chat service."""
+    """Turns an audio file into a running `TranscriptionRun` through the chat service."""
 
     def __init__(self, service: ChatService) -> None:
         self.service = service
@@ -215,13 +213,12 @@ class Transcriber:
             raise ServingError(
                 f"this model has no speech path, so it cannot transcribe: {exc}", 400
             ) from None
-        overrides = {"temperature": job.temperature, "logprobs": 0 if job.logprobs else None}
         # The segments' number is known only once decoded: decoding comes before the places.
         timeout = service.limits.request_timeout
         loop = asyncio.get_running_loop()
         try:
-            duration, segments, prepared = await asyncio.wait_for(
-                loop.run_in_executor(service.executor, self._prepare, job.data), timeout
+            samples, segments, decode_seconds = await asyncio.wait_for(
+                loop.run_in_executor(service.executor, self._split, job.data), timeout
             )
         except TimeoutError:
             raise ServingError(
@@ -235,39 +232,41 @@ class Transcriber:
         turns = [("user", ASR_INSTRUCTION)]
         if job.prompt:
             turns.insert(0, ("system", job.prompt))
-        chats = [
-            ChatInput(
-                list(turns),
-                [MediaInput("audio", b"", item)],
-                dict(overrides),
-                f"{job.request_id}-{i}" if i else job.request_id,
+        overrides = {"temperature": job.temperature, "logprobs": 0 if job.logprobs else None}
+        # each segment is a media item of the metrics: its share of the file's decoding
+        decode_share = decode_seconds / max(1, len(segments))
+
+        async def start_segment(index: int) -> Generation:
+            piece = samples[segments[index].start : segments[index].end]
+            prepared = await loop.run_in_executor(
+                service.executor, self._features, piece, decode_share
             )
-            for i, item in enumerate(prepared)
-        ]
+            request_id = f"{job.request_id}-{index}" if index else job.request_id
+            media = [MediaInput("audio", b"", prepared)]
+            return await service.start(ChatInput(list(turns), media, dict(overrides), request_id))
+
+        duration = samples.size / SAMPLE_RATE
         window = service.engine.config.max_batch
-        transcription = TranscriptionRun(service, chats, segments, duration, window)
+        transcription = TranscriptionRun(start_segment, segments, duration, window)
         await transcription.begin()
         return transcription
 
-    def _prepare(self, data: bytes) -> tuple[float, list[AudioSegment], list[PreparedMedia]]:
-        """In a media thread: decode, split at pauses, log-mel features per segment."""
-        preparer = self.service.preparer
+    def _split(self, data: bytes) -> tuple[np.ndarray, list[AudioSegment], float]:
+        """In a media thread: decode, split at pauses; the seconds decoding took."""
         start = time.perf_counter()
         samples = decode_audio(data, self.service.limits.media)
-        decoded_at = time.perf_counter()
-        features = preparer.speech_features
+        decode_seconds = time.perf_counter() - start
+        features = self.service.preparer.speech_features
         assert features is not None
         longest = min(MAX_SEGMENT_SECONDS, features.window_samples / SAMPLE_RATE)
-        segments = split_speech(samples, max_seconds=longest)
-        prepared = [preparer.prepare("audio", _piece(samples, s)) for s in segments]
-        self.service.metrics.media_stages(
-            "audio", decoded_at - start, time.perf_counter() - decoded_at
-        )
-        return samples.size / SAMPLE_RATE, segments, prepared
+        return samples, split_speech(samples, max_seconds=longest), decode_seconds
 
-
-def _piece(samples: np.ndarray, segment: AudioSegment) -> np.ndarray:
-    return samples[segment.start : segment.end]
+    def _features(self, piece: np.ndarray, decode_seconds: float) -> PreparedMedia:
+        """In a media thread: one segment's log-mel features."""
+        start = time.perf_counter()
+        prepared = self.service.preparer.prepare("audio", piece)
+        self.service.metrics.media_stages("audio", decode_seconds, time.perf_counter() - start)
+        return prepared
 
 
 def timestamp(seconds: float, separator: str) -> str:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.media import SAMPLE_RATE, make_png, speech_with_pauses, to_wav
+from tests.servers import wait_until
 from xllm.model.media import decode_audio
 from xllm.model.media.segments import split_speech
 from xllm.server.transcription import MAX_SEGMENT_SECONDS
@@ -117,6 +118,23 @@ def test_a_long_recording_is_transcribed_in_utterance_segments(client, long_clip
     srt = transcribe(client, data, response_format="srt")
     spoken = [t for s in verbose.segments if s.text for t in (s.start, s.end)]
     assert len(spoken) > 2 and cue_times(srt) == pytest.approx(spoken, abs=1e-3)
+
+
+def test_a_client_that_leaves_ends_every_segment(client, server, long_clip):
+    whole = transcribe(client, long_clip[0]).usage.output_tokens
+    before = server.metric("xllm_generated_tokens_total")
+    stream = transcribe(client, long_clip[0], stream=True)
+    assert next(iter(stream)).type == "transcript.text.delta"
+    stream.close()
+    wait_until(
+        lambda: (
+            server.metric("xllm_num_requests_running") == 0
+            and server.metric("xllm_num_requests_waiting") == 0
+        ),
+        what="the segments' requests to end",
+    )
+    # the segments were cancelled, not generated to their end
+    assert server.metric("xllm_generated_tokens_total") - before < whole / 2
 
 
 def test_usage_counts_the_segments_audio_spans(client, three, tiny_model):
