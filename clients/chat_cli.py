@@ -39,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             metavar="FILE",
             help=f"{kind} file (repeatable)",
         )
+    chat.add_argument(
+        "--file-id",
+        dest="file_ids",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a media handle from POST /v1/files (repeatable; bound after the files of its kind)",
+    )
     chat.add_argument("--system", default=None, metavar="TEXT", help="a system message")
     chat.add_argument(
         "--max-tokens", type=int, default=None, metavar="N", help="longest answer, in tokens"
@@ -98,6 +106,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 images,
                 audios,
                 videos,
+                args.file_ids,
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
                 seed=args.seed,

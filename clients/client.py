@@ -3,6 +3,8 @@
 
     with XLLMClient("http://127.0.0.1:8000") as client:
         print(client.chat("What is in the image?", images=["cat.png"]).text)
+        cat = client.upload("cat.png")  # once; later turns send its id, not its bytes
+        print(client.chat("And its colour?", file_ids=[cat.id]).text)
         for part in client.chat_stream("Tell me a story", max_tokens=64):
             print(part.delta, end="", flush=True)
 
@@ -47,12 +49,14 @@ __all__ = [
     "StreamDelta",
     "TranscriptSegment",
     "Transcription",
+    "UploadedFile",
     "Usage",
     "XLLMClient",
     "XLLMConnectionError",
     "XLLMError",
     "build_chat_request",
     "build_transcription_request",
+    "build_upload_request",
 ]
 
 #: Generation can take a while: generous read timeout, short connect timeout.
@@ -87,13 +91,16 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V the server reused (earlier turns)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Usage:
+        details = data.get("prompt_tokens_details") or {}
         return cls(
             prompt_tokens=int(data["prompt_tokens"]),
             completion_tokens=int(data["completion_tokens"]),
             total_tokens=int(data["total_tokens"]),
+            cached_tokens=int(details.get("cached_tokens") or 0),
         )
 
 
@@ -135,6 +142,18 @@ class Transcription:
     text: str
     duration: float  # seconds of audio
     segments: tuple[TranscriptSegment, ...]
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A media handle (`POST /v1/files`): pass its `id` in `file_ids` instead of the bytes."""
+
+    id: str
+    bytes: int
+    created_at: int
+    expires_at: int | None
+    filename: str
+    purpose: str
 
 
 @dataclass(frozen=True)
@@ -288,7 +307,7 @@ def _event_payload(data: str) -> dict[str, Any]:
 class _Request:
     method: str
     path: str
-    data: dict[str, str] | None = None
+    data: dict[str, str | list[str]] | None = None
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
 
     def httpx_kwargs(self) -> dict[str, Any]:
@@ -321,17 +340,21 @@ def build_chat_request(
     audios: Sequence[MediaFile] = (),
     videos: Sequence[MediaFile] = (),
     *,
+    file_ids: Sequence[str] = (),
     stream: bool = False,
     sampling: Mapping[str, Any] | None = None,
 ) -> _Request:
-    """The form fields and files of one `POST /chat` (files are read here, before any I/O)."""
+    """The form fields and files of one `POST /chat` (files are read here, before any I/O);
+    `file_ids` are media handles (`upload`), each bound after the files of its kind."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of 'prompt' and 'messages'")
     sampling = dict(sampling or {})
     unknown = sorted(set(sampling) - _SAMPLING_KEYS)
     if unknown:
         raise TypeError(f"unknown sampling option(s): {', '.join(unknown)}")
-    data = {"stream": _form_value(stream)}
+    data: dict[str, str | list[str]] = {"stream": _form_value(stream)}
+    if file_ids:
+        data["file_id"] = list(file_ids)
     if prompt is not None:
         data["prompt"] = prompt
     else:
@@ -347,6 +370,12 @@ def build_chat_request(
         for index, item in enumerate(items)
     ]
     return _Request("POST", "/chat", data, files or None)
+
+
+def build_upload_request(item: MediaFile, purpose: str = "vision") -> _Request:
+    """One `POST /v1/files` (the file is read here)."""
+    _, file = _media_part("file", item, 0)
+    return _Request("POST", "/v1/files", {"purpose": purpose}, [("file", file)])
 
 
 def build_transcription_request(
@@ -421,6 +450,18 @@ def _parse_chat(response: httpx.Response) -> ChatResult:
     )
 
 
+def _parse_file(response: httpx.Response) -> UploadedFile:
+    body = _json(response)
+    return UploadedFile(
+        id=body["id"],
+        bytes=int(body["bytes"]),
+        created_at=int(body["created_at"]),
+        expires_at=body.get("expires_at"),
+        filename=body["filename"],
+        purpose=body["purpose"],
+    )
+
+
 def _parse_transcription(response: httpx.Response) -> Transcription:
     body = _json(response)
     segments = tuple(
@@ -471,9 +512,11 @@ def _transport_errors(base_url: str) -> Iterator[None]:
 ChatT = TypeVar("ChatT")
 StreamT = TypeVar("StreamT")
 TranscriptionT = TypeVar("TranscriptionT")
+FileT = TypeVar("FileT")
+DoneT = TypeVar("DoneT")
 
 
-class _ClientBase(Generic[ChatT, StreamT, TranscriptionT]):
+class _ClientBase(Generic[ChatT, StreamT, TranscriptionT, FileT, DoneT]):
     """The constructor and the public chat methods, once: they build the request; subclasses do
     the I/O with their `_HTTP` (httpx.Client or httpx.AsyncClient).
 
@@ -506,12 +549,16 @@ class _ClientBase(Generic[ChatT, StreamT, TranscriptionT]):
         images: Sequence[MediaFile] = (),
         audios: Sequence[MediaFile] = (),
         videos: Sequence[MediaFile] = (),
+        file_ids: Sequence[str] = (),
         **sampling: Unpack[Sampling],
     ) -> ChatT:
         """One complete reply. Give `prompt` (one user turn) or `messages` (the conversation).
-        `<image>`, `<audio>`, `<video>` in the text bind, in order, to the files of that kind."""
+        `<image>`, `<audio>`, `<video>` in the text bind, in order, to the files of that kind
+        (`file_ids`, handles from `upload`, after the files given here)."""
         return self._chat(
-            build_chat_request(prompt, messages, images, audios, videos, sampling=sampling)
+            build_chat_request(
+                prompt, messages, images, audios, videos, file_ids=file_ids, sampling=sampling
+            )
         )
 
     def chat_stream(
@@ -521,12 +568,20 @@ class _ClientBase(Generic[ChatT, StreamT, TranscriptionT]):
         images: Sequence[MediaFile] = (),
         audios: Sequence[MediaFile] = (),
         videos: Sequence[MediaFile] = (),
+        file_ids: Sequence[str] = (),
         **sampling: Unpack[Sampling],
     ) -> StreamT:
         """The reply as it is generated: StreamDeltas, the last with finish_reason and usage.
         Media files are read at the call; the request is sent when iteration starts."""
         request = build_chat_request(
-            prompt, messages, images, audios, videos, stream=True, sampling=sampling
+            prompt,
+            messages,
+            images,
+            audios,
+            videos,
+            file_ids=file_ids,
+            stream=True,
+            sampling=sampling,
         )
         return self._chat_stream(request)
 
@@ -546,7 +601,22 @@ class _ClientBase(Generic[ChatT, StreamT, TranscriptionT]):
             )
         )
 
+    def upload(self, file: MediaFile, purpose: str = "vision") -> FileT:
+        """Upload an image, audio or video once (`POST /v1/files`); later requests name it by
+        `id` (`file_ids=`) and the server decodes and encodes it once."""
+        return self._upload(build_upload_request(file, purpose))
+
+    def delete_file(self, file_id: str) -> DoneT:
+        """Delete a handle (`DELETE /v1/files/{id}`); requests naming it fail from then on."""
+        return self._done(_Request("DELETE", f"/v1/files/{file_id}"))
+
     def _chat(self, request: _Request) -> ChatT:
+        raise NotImplementedError
+
+    def _upload(self, request: _Request) -> FileT:
+        raise NotImplementedError
+
+    def _done(self, request: _Request) -> DoneT:
         raise NotImplementedError
 
     def _transcribe(self, request: _Request) -> TranscriptionT:
@@ -556,7 +626,7 @@ class _ClientBase(Generic[ChatT, StreamT, TranscriptionT]):
         raise NotImplementedError
 
 
-class XLLMClient(_ClientBase[ChatResult, Iterator[StreamDelta], Transcription]):
+class XLLMClient(_ClientBase[ChatResult, Iterator[StreamDelta], Transcription, UploadedFile, None]):
     """Synchronous client (httpx.Client); use as a context manager or call `close()`."""
 
     _HTTP = httpx.Client
@@ -589,6 +659,12 @@ class XLLMClient(_ClientBase[ChatResult, Iterator[StreamDelta], Transcription]):
     def _chat(self, request: _Request) -> ChatResult:
         return _parse_chat(self._send(request))
 
+    def _upload(self, request: _Request) -> UploadedFile:
+        return _parse_file(self._send(request))
+
+    def _done(self, request: _Request) -> None:
+        _json(self._send(request))
+
     def _transcribe(self, request: _Request) -> Transcription:
         return _parse_transcription(self._send(request))
 
@@ -608,6 +684,8 @@ class AsyncXLLMClient(
         Coroutine[Any, Any, ChatResult],
         AsyncIterator[StreamDelta],
         Coroutine[Any, Any, Transcription],
+        Coroutine[Any, Any, UploadedFile],
+        Coroutine[Any, Any, None],
     ]
 ):
     """Asynchronous client (httpx.AsyncClient); `async with` it or `await aclose()`.
@@ -642,6 +720,12 @@ class AsyncXLLMClient(
 
     async def _chat(self, request: _Request) -> ChatResult:
         return _parse_chat(await self._send(request))
+
+    async def _upload(self, request: _Request) -> UploadedFile:
+        return _parse_file(await self._send(request))
+
+    async def _done(self, request: _Request) -> None:
+        _json(await self._send(request))
 
     async def _transcribe(self, request: _Request) -> Transcription:
         return _parse_transcription(await self._send(request))
