@@ -3,9 +3,10 @@
 A JSON Schema is compiled once per request into a grammar (`json_schema_grammar`, no tokenizer
 needed, so the API process refuses what cannot be enforced before a place is taken); the engine
 gives each constrained sequence a matcher over its tokenizer (`GrammarGuide.matcher`) and, per
-step, computes the allowed tokens of the constrained rows only (`GrammarGuide.start`, in a
-thread of its own so that it overlaps the forward pass) and sets the others to -inf
-(`GrammarGuide.apply`). A step without constrained rows costs a scan of the batch, nothing else.
+step, computes the allowed tokens of the constrained rows only, in one batch
+(`GrammarGuide.constrained`), and sets the others to -inf (`GrammarGuide.apply`). The caller
+computes them after launching the forward and before reading its logits: on CUDA the forward's
+kernels run meanwhile. A step without constrained rows costs a scan of the batch, nothing else.
 Why llguidance (and not xgrammar): docs/ARCHITECTURE.md, "Structured outputs".
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance
@@ -87,7 +87,6 @@ class GrammarGuide:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_ids)
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
-        self._worker: ThreadPoolExecutor | None = None
         # bit i of the mask's word w: token 32 * w + i
         self._shifts = torch.arange(32, dtype=torch.int32)
 
@@ -116,29 +115,26 @@ class GrammarGuide:
         allowed = (bits[:, :, None] >> self._shifts) & 1  # (R, words, 32)
         return allowed.flatten(1)[:, : self.vocab_size].bool()
 
-    def start(
+    def constrained(
         self, matchers: Sequence[llguidance.LLMatcher | None]
-    ) -> tuple[list[int], Future[torch.Tensor]] | None:
-        """Begin computing the masks of the constrained rows (matcher not None) in the guide's
-        thread; None when no row is constrained. Give the result to `apply`."""
+    ) -> tuple[list[int], torch.Tensor] | None:
+        """The batch's constrained rows (matcher not None) and their allowed tokens (R, V);
+        None when no row is constrained. Give the result to `apply`."""
         rows = [row for row, matcher in enumerate(matchers) if matcher is not None]
         if not rows:
             return None
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="xllm-grammar")
-        constrained = [matchers[row] for row in rows]
-        return rows, self._worker.submit(self.masks, constrained)  # type: ignore[arg-type]
+        return rows, self.masks([matchers[row] for row in rows])  # type: ignore[misc]
 
     @staticmethod
     def apply(
-        logits: torch.Tensor, started: tuple[list[int], Future[torch.Tensor]] | None
+        logits: torch.Tensor, constrained: tuple[list[int], torch.Tensor] | None
     ) -> torch.Tensor:
-        """logits (B, V) with every token the constrained rows' grammars forbid at -inf (waits
-        for the masks; a new tensor); the same tensor when no row is constrained."""
-        if started is None:
+        """logits (B, V) with every token the constrained rows' grammars forbid at -inf (a new
+        tensor); the same tensor when no row is constrained."""
+        if constrained is None:
             return logits
-        rows, future = started
-        allowed = future.result().to(logits.device)
+        rows, allowed = constrained
+        allowed = allowed.to(logits.device)
         width = min(allowed.shape[1], logits.shape[1])
         forbidden = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
         index = torch.tensor(rows, device=logits.device)

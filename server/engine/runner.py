@@ -232,18 +232,18 @@ class ModelRunner:
 
     def decode(self, batch: list[Sequence]) -> torch.Tensor:
         """One decode step: each sequence's pending token written at its length; logits (B, V),
-        those of constrained rows masked by their grammars (computed during the forward)."""
-        masks = self.guide.start([s.matcher for s in batch])
+        those of constrained rows masked by their grammars. The masks are computed once the
+        forward is launched (on CUDA its kernels run meanwhile; the decoder does not sync)."""
         logits = self.decoder(
             [s.slot for s in batch],
             [s.next_token for s in batch],  # type: ignore[misc]
             [s.length for s in batch],
         )
-        return self.guide.apply(logits, masks)
+        return self.constrain(batch, logits)
 
     def constrain(self, batch: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) of the batch with the constrained rows masked by their grammars."""
-        return self.guide.apply(logits, self.guide.start([s.matcher for s in batch]))
+        return self.guide.apply(logits, self.guide.constrained([s.matcher for s in batch]))
 
     # --- sampling ---
     def sample(self, batch: list[Sequence], logits: torch.Tensor) -> SampleOutcome:
