@@ -71,6 +71,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="take media from this folder, by extension (kinds it lacks are generated)",
     )
     load.add_argument("--seed", type=int, default=0, help="seeds media, kinds and arrivals")
+    openai = bench.add_argument_group(
+        "OpenAI options (any of them: requests go to /v1/chat/completions instead of /chat)"
+    )
+    openai.add_argument("--n", type=int, default=None, metavar="N", help="choices per request")
+    openai.add_argument(
+        "--response-format",
+        default=None,
+        metavar="json_object|FILE",
+        help="structured output: any JSON object, or JSON valid under the JSON schema in FILE",
+    )
+    openai.add_argument(
+        "--temperature", type=float, default=None, metavar="T", help="(default 0: greedy)"
+    )
     load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     bench.add_argument(
         "--api-key", default=None, metavar="K", help="Bearer key (default: $XLLM_API_KEY)"
@@ -111,6 +124,33 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def _openai_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The chat-completion fields the flags ask for; None when none is given (POST /chat)."""
+    import json
+
+    from xllm.main import UserError
+
+    options: dict[str, Any] = {}
+    if args.n is not None:
+        if args.n < 1:
+            raise UserError("--n must be at least 1")
+        options["n"] = args.n
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.response_format == "json_object":
+        options["response_format"] = {"type": "json_object"}
+    elif args.response_format is not None:
+        try:
+            schema = json.loads(Path(args.response_format).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--response-format: cannot read a JSON schema: {exc}") from None
+        options["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "bench", "schema": schema},
+        }
+    return options or None
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -139,6 +179,7 @@ def run_bench(args: argparse.Namespace) -> int:
         concurrency = 1
     url = args.url.rstrip("/")
     api_key = args.api_key or os.environ.get("XLLM_API_KEY") or None
+    openai = _openai_options(args)
 
     requests = build_requests(args.requests, mix, args.seed, args.media_dir)
     warmup = build_requests(args.warmup, mix, args.seed + 1, args.media_dir, offset=-args.warmup)
@@ -158,6 +199,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     timeout=args.timeout,
                     warmup=warmup,
                     progress=not args.no_progress,
+                    openai=openai,
                 )
             )
     except RuntimeError as exc:
@@ -176,6 +218,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "max_tokens": args.max_tokens,
             "media_dir": str(args.media_dir) if args.media_dir else None,
             "seed": args.seed,
+            "openai": openai,
         },
         "server": summarize(results, duration),
         "baseline": None,

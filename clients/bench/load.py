@@ -1,10 +1,12 @@
-"""The load generator: streaming `POST /chat` requests at a fixed concurrency or as Poisson
-arrivals, every SSE event timed on arrival."""
+"""The load generator: streaming `POST /chat` requests (or, with OpenAI options such as `n` or
+`response_format`, `POST /v1/chat/completions`) at a fixed concurrency or as Poisson arrivals,
+every SSE event timed on arrival."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from xllm.clients.bench.report import RequestResult
 from xllm.clients.bench.workload import MIME, BenchRequest
@@ -29,6 +31,34 @@ def _form(request: BenchRequest, max_tokens: int):
     return form
 
 
+def _chat_completion(request: BenchRequest, max_tokens: int, options: dict[str, Any]) -> dict:
+    """The same request as an OpenAI chat completion (media as data URIs / input_audio), with
+    `options` (n, response_format, temperature) on top; usage in the last chunk."""
+    import base64
+
+    parts: list[dict[str, Any]] = []
+    for item in request.media:
+        suffix = Path(item.filename).suffix.lower()
+        data = base64.b64encode(item.data).decode()
+        if item.kind == "audio":
+            audio = {"data": data, "format": suffix.lstrip(".")}
+            parts.append({"type": "input_audio", "input_audio": audio})
+        else:
+            url = f"data:{MIME.get(suffix, 'application/octet-stream')};base64,{data}"
+            key = "image_url" if item.kind == "image" else "video_url"
+            parts.append({"type": key, key: {"url": url}})
+    parts.append({"type": "text", "text": request.prompt})
+    return {
+        "messages": [{"role": "user", "content": parts}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        **options,
+    }
+
+
 def _error_message(status: int, body: bytes) -> str:
     import json
 
@@ -39,19 +69,31 @@ def _error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}: {message}"
 
 
-async def send_one(session, url: str, request: BenchRequest, max_tokens: int, headers: dict):
-    """One streaming POST /chat; every SSE event timed on arrival."""
+async def send_one(
+    session,
+    url: str,
+    request: BenchRequest,
+    max_tokens: int,
+    headers: dict,
+    openai: dict[str, Any] | None = None,
+):
+    """One streaming POST /chat (with `openai` options: POST /v1/chat/completions); every SSE
+    event timed on arrival (both end with an event that carries the usage)."""
     import json
     import time
 
     import aiohttp
 
     result = RequestResult(request.index, request.kind)
-    form = _form(request, max_tokens)
+    if openai is None:
+        endpoint, body = f"{url}/chat", {"data": _form(request, max_tokens)}
+    else:
+        body = {"json": _chat_completion(request, max_tokens, openai)}
+        endpoint = f"{url}/v1/chat/completions"
     result.start = time.perf_counter()
     last: float | None = None
     try:
-        async with session.post(f"{url}/chat", data=form, headers=headers) as response:
+        async with session.post(endpoint, headers=headers, **body) as response:
             if response.status != 200:
                 result.error = _error_message(response.status, await response.read())
                 return result
@@ -102,6 +144,7 @@ async def run_load(
     timeout: float = 600.0,
     warmup: list[BenchRequest] | None = None,
     progress: bool = True,
+    openai: dict[str, Any] | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Send the requests; returns their results (in request order) and the run's duration.
 
@@ -120,7 +163,7 @@ async def run_load(
     results: list[RequestResult | None] = [None] * len(requests)
     async with aiohttp.ClientSession(connector=connector, timeout=timeouts) as session:
         for request in warmup or []:
-            done = await send_one(session, url, request, max_tokens, headers)
+            done = await send_one(session, url, request, max_tokens, headers, openai)
             if not done.ok:
                 raise RuntimeError(f"warm-up request failed: {done.error}")
         bar = tqdm(total=len(requests), desc="bench", unit="req", disable=not progress)
@@ -130,11 +173,11 @@ async def run_load(
             if gate is not None:
                 async with gate:
                     results[position] = await send_one(
-                        session, url, requests[position], max_tokens, headers
+                        session, url, requests[position], max_tokens, headers, openai
                     )
             else:
                 results[position] = await send_one(
-                    session, url, requests[position], max_tokens, headers
+                    session, url, requests[position], max_tokens, headers, openai
                 )
             bar.update(1)
 

@@ -286,3 +286,42 @@ def test_load_generator_survives_an_unreachable_server() -> None:
     )
     assert [r.ok for r in results] == [False, False]
     assert all("connect" in (r.error or "").lower() for r in results), results
+
+
+def test_bench_sends_n_and_structured_output_requests(
+    bench_server: str, tmp_path: Path, run_bench
+) -> None:
+    """--n and --response-format go through /v1/chat/completions (media as content parts);
+    a schema that cannot finish in max_tokens keeps every choice at exactly max_tokens."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "array", "items": {"type": "string"}, "minItems": 99}))
+    out = tmp_path / "report.json"
+    done = run_bench(
+        "--url",
+        bench_server,
+        "--concurrency",
+        "2",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "6",
+        "--mix",
+        "image=1,audio=1,video=1,text=1",
+        "--n",
+        "2",
+        "--temperature",
+        "1",
+        "--response-format",
+        str(schema),
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    server = report["server"]
+    assert server["errors"] == 0, server["error_messages"]
+    assert all(r["completion_tokens"] == 2 * 6 for r in server["per_request"])  # both choices
+    assert report["config"]["openai"]["n"] == 2
+    assert report["config"]["openai"]["response_format"]["type"] == "json_schema"
+    bad = run_bench("--url", bench_server, "--response-format", str(tmp_path / "missing.json"))
+    assert bad.returncode == 2 and "--response-format" in bad.stderr
