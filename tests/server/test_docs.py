@@ -38,6 +38,9 @@ def test_readme_curl_examples_run(server):
             choice = reply["choices"][0] if "choices" in reply else {}
             text = reply.get("text", choice.get("text"))  # /chat, /v1/completions
             assert text is not None or choice["message"]["content"] is not None
+            if '"json_schema"' in command:  # structured output: the schema's JSON
+                answer = json.loads(choice["message"]["content"])
+                assert set(answer) == {"shape", "color"}
 
 
 def test_openapi_yaml_is_generated_from_the_app():
