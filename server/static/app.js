@@ -2,9 +2,11 @@
 // (multipart, stream=true) and reads the SSE reply with fetch + ReadableStream.
 //
 // History: every request carries the whole conversation as `messages` (JSON [{role, content}]),
-// and re-sends every file attached so far, in order. Each user turn's files are bound explicitly
-// by `<image>` / `<audio>` / `<video>` placeholders written before its text (or where the user
-// typed them), so every file binds to the turn it was attached to.
+// and names every file attached so far, in order, by its media handle: each file is uploaded once
+// (POST v1/files) and later turns send only its id (`file_id`), so the server decodes and encodes
+// it once. Each user turn's files are bound explicitly by `<image>` / `<audio>` / `<video>`
+// placeholders written before its text (or where the user typed them), so every file binds to
+// the turn it was attached to.
 "use strict";
 
 (() => {
@@ -374,6 +376,38 @@
     return null;
   }
 
+  /** Upload each file not uploaded yet (POST v1/files); it is named by its id from then on. */
+  async function uploadFiles(turns, signal) {
+    for (const turn of turns) {
+      for (const file of turn.files) {
+        if (file.id) continue;
+        const form = new FormData();
+        form.append("file", file.blob, file.name);
+        form.append("purpose", "user_data");
+        const response = await fetch("v1/files", {
+          method: "POST",
+          body: form,
+          headers: authHeaders(),
+          signal,
+        });
+        if (!response.ok) throw await httpError(response);
+        file.id = (await response.json()).id;
+      }
+    }
+  }
+
+  /** Delete a finished conversation's handles (nothing waits for it). */
+  function forgetFiles(turns) {
+    for (const turn of turns) {
+      for (const file of turn.files) {
+        if (!file.id) continue;
+        const url = `v1/files/${encodeURIComponent(file.id)}`;
+        fetch(url, { method: "DELETE", headers: authHeaders(), keepalive: true }).catch(() => {});
+        file.id = null;
+      }
+    }
+  }
+
   function buildForm(turns) {
     const form = new FormData();
     form.append(
@@ -381,7 +415,7 @@
       JSON.stringify(turns.map((turn) => ({ role: turn.role, content: content(turn) }))),
     );
     for (const turn of turns) {
-      for (const file of turn.files) form.append(file.kind, file.blob, file.name);
+      for (const file of turn.files) form.append("file_id", file.id);
     }
     form.append("stream", "true");
     for (const [name, input] of Object.entries(NUMBERS)) {
@@ -503,13 +537,22 @@
     let error = null;
     let stopped = false;
     let last = null;
-    try {
-      const response = await fetch("chat", {
+    const post = async () => {
+      await uploadFiles(state.turns, controller.signal);
+      return fetch("chat", {
         method: "POST",
         body: buildForm(state.turns),
         headers: authHeaders(),
         signal: controller.signal,
       });
+    };
+    try {
+      let response = await post();
+      if (response.status === 404) {
+        // A handle is gone (expired, or the server restarted): upload the files again, once.
+        for (const turn of state.turns) turn.files.forEach((file) => (file.id = null));
+        response = await post();
+      }
       if (!response.ok) throw await httpError(response);
       last = await readStream(response, (delta) => {
         answer.text += delta;
@@ -575,6 +618,7 @@
     state.controller = null;
     setBusy(false);
     finishRecording(true);
+    forgetFiles(state.turns);
     for (const turn of state.turns) turn.files.forEach((file) => URL.revokeObjectURL(file.url));
     state.pending.forEach((file) => URL.revokeObjectURL(file.url));
     state.turns = [];

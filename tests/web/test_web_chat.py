@@ -36,13 +36,22 @@ def png(shape: str, color: tuple[int, int, int], size: int = 160) -> bytes:
     return buffer.getvalue()
 
 
-def sent(page) -> list[dict]:
-    """What the page gave fetch for each POST /chat: {url, headers, fields}."""
-    return [r for r in page.evaluate("window.__sent") if r["url"].endswith("chat")]
+def sent(page, path: str = "chat") -> list[dict]:
+    """What the page gave fetch for each POST /chat (or /v1/files): {url, headers, fields}."""
+    return [r for r in page.evaluate("window.__sent") if r["url"].endswith(path)]
 
 
 def field(request: dict, name: str) -> str:
     return next(f["value"] for f in request["fields"] if f["name"] == name)
+
+
+def values(request: dict, name: str) -> list[str]:
+    return [f["value"] for f in request["fields"] if f["name"] == name]
+
+
+def uploaded(page) -> list[str]:
+    """The files the page uploaded (POST /v1/files), in order."""
+    return [f["filename"] for r in sent(page, "v1/files") for f in files(r, "file")]
 
 
 def files(request: dict, name: str) -> list[dict]:
@@ -89,7 +98,7 @@ def drop_file(page, name: str, mime: str, data: bytes) -> None:
     )
 
 
-def test_chat_with_image_history_recording_and_screenshot(open_page, tmp_path):
+def test_chat_with_image_history_recording_and_screenshot(open_page, web_server, tmp_path):
     page = open_page()
     red_circle = png("circle", RED)
     settings(page, temperature="0.7", max_tokens="32")
@@ -114,9 +123,10 @@ def test_chat_with_image_history_recording_and_screenshot(open_page, tmp_path):
     assert json.loads(field(request, "messages")) == [
         {"role": "user", "content": "<image>\nWhat is in the image?"}
     ]
-    assert [(f["filename"], f["size"]) for f in files(request, "image")] == [
-        ("red-circle.png", len(red_circle))
-    ]
+    # The image went up once (POST /v1/files); the chat request names it by its handle.
+    assert files(request, "image") == [] and uploaded(page) == ["red-circle.png"]
+    (first_handle,) = values(request, "file_id")
+    assert first_handle.startswith("file-")
     assert field(request, "stream") == "true"
     assert field(request, "temperature") == "0.7" and field(request, "max_tokens") == "32"
 
@@ -150,22 +160,32 @@ def test_chat_with_image_history_recording_and_screenshot(open_page, tmp_path):
         {"role": "assistant", "content": as_history(first)},
         {"role": "user", "content": "<image><audio>\nAnd this one?\nSame colour?"},
     ]
-    # Every file of the conversation goes again, in order, so each placeholder binds its own.
-    assert [f["filename"] for f in files(request, "image")] == ["red-circle.png", "blue-square.png"]
-    (recording,) = files(request, "audio")
-    assert recording["filename"].startswith("recording-") and recording["size"] > 1000
-    assert recording["type"].startswith("audio/")
+    # Every file of the conversation is named again, in order, so each placeholder binds its
+    # own; only the new ones were uploaded, each once.
+    handles = values(request, "file_id")
+    assert len(handles) == 3 and handles[0] == first_handle and len(set(handles)) == 3
+    assert files(request, "image") == files(request, "audio") == []
+    names = uploaded(page)
+    assert names[:2] == ["red-circle.png", "blue-square.png"] and len(names) == 3
+    assert names[2].startswith("recording-")
+    (recording,) = [f for f in sent(page, "v1/files")[2]["fields"] if f["name"] == "file"]
+    assert recording["size"] > 1000 and recording["type"].startswith("audio/")
     assert page.locator(".msg .error").count() == 0
     assert page.errors == [] and page.evaluate("window.__csp") == []
 
-    # New chat: an empty conversation, and the next request carries no history.
+    # New chat: an empty conversation (its handles deleted), and the next request carries no
+    # history.
     page.click("#new-chat")
     assert page.locator(".msg").count() == 0
+    servers.wait_until(
+        lambda: httpx.get(f"{web_server.url}/v1/files", timeout=5).json()["data"] == [],
+        what="the old conversation's handles to be deleted",
+    )
     page.fill("#prompt", "hello")
     page.press("#prompt", "Enter")
     wait_for_answer(page, 0)
     assert json.loads(field(sent(page)[2], "messages")) == [{"role": "user", "content": "hello"}]
-    assert files(sent(page)[2], "image") == []
+    assert values(sent(page)[2], "file_id") == []
 
 
 def check_screenshot(path: Path) -> None:
