@@ -20,8 +20,12 @@ def test_readme_curl_examples_run(server):
     commands = readme_curl_commands()
     assert len(commands) >= 5
     host = server.url.removeprefix("http://")
+    file_id = "$FILE_ID"  # the media handle the README's upload line makes, once it has run
     for command in commands:
-        args = [arg.replace("localhost:8000", host) for arg in shlex.split(command)]
+        args = [
+            arg.replace("localhost:8000", host).replace("$FILE_ID", file_id)
+            for arg in shlex.split(command)
+        ]
         out = subprocess.run(
             [*args, "-sS", "-w", "\n%{http_code}"],
             cwd=ROOT,
@@ -33,6 +37,13 @@ def test_readme_curl_examples_run(server):
         assert out.returncode == 0 and status == "200", f"{command}\n{out.stdout}\n{out.stderr}"
         if "stream=true" in command:
             assert body.rstrip().endswith("data: [DONE]")
+        elif "/v1/files" in command:  # a file object (the upload's id serves the next lines)
+            reply = json.loads(body)
+            assert reply["object"] in ("file", "list")
+            if "-X DELETE" in command:
+                assert reply == {"id": file_id, "object": "file", "deleted": True}
+            elif "file=@" in command:
+                file_id = reply["id"]
         else:
             reply = json.loads(body)
             choice = reply["choices"][0] if "choices" in reply else {}
