@@ -80,6 +80,9 @@ class Sampling(TypedDict, total=False):
     repetition_penalty: float
     seed: int
     stop: str | Sequence[str]
+    # structured output, as in /v1/chat/completions: {"type": "json_object"} or {"type":
+    # "json_schema", "json_schema": {"name": ..., "schema": {...}}}; the text is that JSON
+    response_format: Mapping[str, Any]
 
 
 _SAMPLING_KEYS = frozenset(Sampling.__annotations__)
@@ -317,6 +320,8 @@ class _Request:
 def _form_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return json.dumps(value, ensure_ascii=False)
     return str(value)
 
 

@@ -293,6 +293,8 @@ class ChatService:
         (all or none), its prompt prefilled once for all of them (EngineRequest.group)."""
         params, max_tokens_given = self._params(chat.overrides)
         self._check_choices(chat.n)
+        if chat.grammar is not None and params.min_tokens:
+            raise ServingError("min_tokens cannot be combined with response_format or tools", 400)
         self._check_media_count(len(chat.media))
         texts = chat.turns if chat.prompt is None else [("user", chat.prompt)]
         self._check_prompt_size(texts)
@@ -465,8 +467,6 @@ class ChatService:
         handles."""
         tools = tool_plan(request.tools, request.tool_choice, request.response_format)
         grammar = tools.grammar if tools else response_format_grammar(request.response_format)
-        if grammar is not None and request.min_tokens:
-            raise ServingError("min_tokens cannot be combined with response_format or tools", 400)
         if request.top_logprobs is not None and not request.logprobs:
             raise ServingError("'top_logprobs' needs 'logprobs': true", 400)
         # Counted before any URL is fetched or data URI decoded.

@@ -27,9 +27,16 @@ from xllm.server.deps import (
 )
 from xllm.server.engine.events import ErrorEvent, Event, FinishEvent
 from xllm.server.errors import ServingError
-from xllm.server.protocol import ChatReply, ChatStreamEvent, ChatTurn, UsageInfo
+from xllm.server.protocol import (
+    ChatReply,
+    ChatStreamEvent,
+    ChatTurn,
+    ResponseFormat,
+    UsageInfo,
+)
 from xllm.server.routers.responses import MEDIA_ERRORS, STREAM_REPLY, sse, sse_error
 from xllm.server.serving import ChatInput, ChatService, Generation, MediaInput
+from xllm.server.structured import response_format_grammar
 
 router = APIRouter(tags=["chat"])
 
@@ -120,6 +127,13 @@ async def chat(
     frequency_penalty: Annotated[float | None, Form(**PENALTY.bounds)] = None,
     seed: Annotated[int | None, Form()] = None,
     stop: Annotated[list[str] | None, Form(description="repeatable, or a JSON list")] = None,
+    response_format: Annotated[
+        str | None,
+        Form(
+            description='JSON, as in /v1/chat/completions: {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"name", "schema"}}'
+        ),
+    ] = None,
 ):
     uploads = {
         "image": await _files("image", image),
@@ -144,10 +158,20 @@ async def chat(
         "stop": _stop(stop),
     }
     chat_input = ChatInput(_turns(prompt, messages), media, overrides, request_id)
+    chat_input.grammar = response_format_grammar(_response_format(response_format))
     if stream:
         generation = await until_disconnected(request, service.start(chat_input))
         return StreamingResponse(chat_event_stream(generation), media_type="text/event-stream")
     return await until_disconnected(request, _complete(service, chat_input))
+
+
+def _response_format(text: str | None) -> ResponseFormat | None:
+    if text is None:
+        return None
+    try:
+        return ResponseFormat.model_validate_json(text)
+    except ValidationError as exc:
+        raise ServingError(f"response_format: {exc.errors()[0]['msg']}", 400) from None
 
 
 async def _complete(service: ChatService, chat_input: ChatInput) -> ChatReply:

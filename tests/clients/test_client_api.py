@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
+import httpx
 import pytest
 
 from tests.media import SAMPLE_RATE, make_png, speech_with_pauses, to_wav
@@ -180,7 +182,7 @@ def test_transcribe_gives_the_utterance_segments(client: XLLMClient, server_url:
     assert len(result.segments) == len(sounds) == 2
     for segment, (start, end) in zip(result.segments, sounds, strict=True):
         assert isinstance(segment, TranscriptSegment)
-        assert segment.start <= start and end <= segment.end
+        assert segment.start - 1e-3 <= start and end <= segment.end + 1e-3  # ms-rounded times
     assert result.text == " ".join(s.text for s in result.segments if s.text)
 
     async def transcribe_async() -> Transcription:
@@ -191,3 +193,32 @@ def test_transcribe_gives_the_utterance_segments(client: XLLMClient, server_url:
     with pytest.raises(XLLMError) as refused:
         client.transcribe(("image.png", make_png()))
     assert refused.value.status == 415
+
+
+def test_chat_with_a_response_format(client: XLLMClient, server_url: str) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "blue"]}, "n": {"type": "integer"}},
+        "required": ["colour", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    finished = 0
+    for seed in range(4):
+        result = client.chat(
+            "colour?", temperature=1.0, seed=seed, max_tokens=40, response_format=fmt
+        )
+        if result.finish_reason == "stop":
+            answer = json.loads(result.text)
+            assert set(answer) == {"colour", "n"} and answer["colour"] in ("red", "blue")
+            finished += 1
+    assert finished
+    streamed = "".join(
+        d.delta for d in client.chat_stream("hi", max_tokens=20, response_format=fmt)
+    )
+    assert streamed.startswith('{"colour":"')
+    with pytest.raises(XLLMError, match="response_format") as info:
+        client.chat("hi", response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert info.value.status == 400
+    not_json = httpx.post(f"{server_url}/chat", data={"prompt": "hi", "response_format": "{"})
+    assert not_json.status_code == 400 and "response_format" in not_json.text
