@@ -1,13 +1,16 @@
 """Audio of any length -> utterance-sized segments, split at pauses by frame energy.
 
-The speech interface was trained on single utterances of a few seconds with a little silence
-around them, so a long recording is transcribed piece by piece: frames (20 ms) louder than a
-threshold between the recording's quiet floor and its loud peak are speech; a run of quiet
-frames at least `min_silence` long is a pause, and the recording is cut in its middle. Each
-segment is the speech between two cuts with `pad` seconds of context on either side; a segment
-still longer than `max_seconds` (speech without pauses) is cut at its quietest frame in the
-second half of the allowed length, again and again. A recording with no contrast between quiet
-and loud (a tone, constant noise) is one run of speech; one without any sound, none.
+The speech interface was trained on single utterances of a few seconds, so a long recording is
+transcribed piece by piece. Frames (20 ms) louder than a threshold between the recording's quiet
+floor and its loud peak are speech; a run of quieter frames at least `min_silence` long is a
+pause between utterances. A segment starts where its utterance's sound starts: from its first
+loud frame back over the frames still audible above the floor (a soft onset), at most `pad`
+seconds, to the first audible sample. It ends `pad` seconds after its last loud frame. (Training
+clips start with their speech or a little silence; the demo model answers differently when a
+clip starts even 10 ms earlier, so the onset is found to the sample.) A segment still longer
+than `max_seconds` (speech without pauses) is cut at its quietest frame in the second half of
+the allowed length, again and again. A recording with no contrast between quiet and loud (a
+tone, constant noise) is one run of speech; one without any sound, none.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ SILENCE_DB = -60.0
 THRESHOLD_SHARE = 0.35
 # Below this spread between the quiet floor and the peak the recording has no pauses to find.
 MIN_CONTRAST_DB = 12.0
+# Sound (an onset before the loud part) is this much above the floor, in dB.
+AUDIBLE_DB = 6.0
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,12 @@ def split_speech(
     *,
     max_seconds: float = 30.0,
     min_silence: float = 0.4,
-    pad: float = 0.15,
+    pad: float = 0.3,
 ) -> list[AudioSegment]:
-    """The utterance-sized segments of 16 kHz mono `samples`, in order; [] when it is silent."""
-    if max_seconds <= 2 * pad + FRAME_S:
-        raise ValueError(f"max_seconds must exceed twice the padding ({2 * pad:g} s)")
+    """The utterance-sized segments of 16 kHz mono `samples`, in order and apart; [] when it is
+    silent."""
+    if max_seconds <= pad + FRAME_S:
+        raise ValueError(f"max_seconds must exceed the padding ({pad:g} s)")
     frame = round(FRAME_S * SAMPLE_RATE)
     levels = frame_levels(samples, frame)
     if levels.size == 0 or levels.max() <= SILENCE_DB:
@@ -71,14 +77,26 @@ def split_speech(
         loud = np.ones_like(levels, dtype=bool)
     else:
         loud = levels > max(SILENCE_DB, floor + THRESHOLD_SHARE * (peak - floor))
-    runs = _speech_runs(loud, round(min_silence / FRAME_S))
+    audible = levels > floor + AUDIBLE_DB
+    audible_amplitude = 10 ** ((floor + AUDIBLE_DB) / 20)
     pad_frames = round(pad / FRAME_S)
     max_frames = round(max_seconds / FRAME_S)
-    segments = []
-    for first, last in runs:  # frames [first, last) with speech, pauses shorter than min_silence
-        start, end = max(0, first - pad_frames), min(levels.size, last + pad_frames)
-        for a, b in _cut_long(levels, start, end, max_frames):
-            segments.append(AudioSegment(a * frame, min(b * frame, samples.size)))
+    runs = _speech_runs(loud, round(min_silence / FRAME_S))
+    segments: list[AudioSegment] = []
+    taken = 0  # frames before this belong to earlier segments
+    for n, (first, last) in enumerate(runs):
+        start = first
+        while start > max(taken, first - pad_frames) and audible[start - 1]:
+            start -= 1
+        following = runs[n + 1][0] if n + 1 < len(runs) else levels.size
+        end = min(following, last + pad_frames)
+        taken = end
+        for i, (a, b) in enumerate(_cut_long(levels, start, end, max_frames)):
+            onset = a * frame
+            if i == 0:  # to the first audible sample of the frame
+                above = np.flatnonzero(np.abs(samples[onset : onset + frame]) > audible_amplitude)
+                onset += int(above[0]) if above.size else 0
+            segments.append(AudioSegment(onset, min(b * frame, samples.size)))
     return segments
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.media import SAMPLE_RATE, speak, speech_with_pauses
-from xllm.model.media.segments import split_speech
+from xllm.model.media.segments import FRAME_S, split_speech
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -29,8 +29,9 @@ def test_one_segment_per_utterance_each_holding_its_sound(noise: float) -> None:
     samples = samples + noise * np.random.default_rng(0).standard_normal(samples.size)
     segments = spans(split_speech(samples.astype(np.float32)))
     assert len(segments) == len(sounds)
+    # each starts where its sound starts (to within a frame: the first samples are faint)
     for (start, end), (sound_start, sound_end) in zip(segments, sounds, strict=True):
-        assert start <= sound_start and sound_end <= end
+        assert abs(start - sound_start) <= FRAME_S and sound_end <= end
     assert all(a[1] <= b[0] for a, b in pairwise(segments))  # in order, apart
 
 
