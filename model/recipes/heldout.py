@@ -99,9 +99,42 @@ def rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def evaluate(client: Client, data: Path, voices: Path | None, n: int) -> dict[str, Any]:
+def word_f1(a: str, b: str) -> float:
+    """Word-overlap F1 of two answers (bags of words, case and punctuation ignored)."""
+    from collections import Counter
+
+    wa, wb = Counter(words(a)), Counter(words(b))
+    common = sum((wa & wb).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(wa.values()), common / sum(wb.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+AGREEMENT_F1 = 0.5  # a spoken question's answer "agrees" with the typed one at this word F1
+
+
+def evaluate(
+    client: Client,
+    data: Path,
+    voices: Path | None,
+    n: int,
+    scenes: Path | None = None,
+    concurrency: int = 8,
+) -> dict[str, Any]:
+    """Every task's questions, asked `concurrency` at a time (the server batches them).
+
+    `data`: an `xllm data toy` folder (images, videos, speech, spoken questions about images);
+    `voices`: a folder with `speech_heldout.jsonl`; `scenes`: an `xllm data scenes --heldout`
+    folder (held-out sentences in held-out voices: WER; spoken general questions: agreement of
+    the spoken question's answer with the typed question's, word F1 >= AGREEMENT_F1).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     results: dict[str, Any] = {}
     examples: dict[str, list] = {}
+    # (task, prompt, files, max_tokens, score(answer) -> bool | (errors, words))
+    jobs: list[tuple[str, str, list[tuple[str, Path]], int, Any]] = []
 
     def note(task: str, ok: bool, prompt: str, answer: str) -> None:
         results.setdefault(task, []).append(ok)
@@ -111,23 +144,27 @@ def evaluate(client: Client, data: Path, voices: Path | None, n: int) -> dict[st
     captions = ("What is in the image?", "Describe the image.", "What do you see?")
     for i, row in enumerate(rows(data / "image_train.jsonl")[:n]):
         image = data / row["image"]
-        truth = row.get("text") or row["conversations"][-1]["content"]
         if "text" not in row:  # a question row: the scene is in the image's other rows' words
             continue
-        scene = scene_of(truth)
-        prompt = captions[i % 3]
-        answer = client.chat(prompt, [("image", image)])
-        note("image_color_shape", names_exactly(answer, scene), prompt, answer)
+        scene = scene_of(row["text"])
+        files = [("image", image)]
+        jobs.append(
+            (
+                "image_color_shape",
+                captions[i % 3],
+                files,
+                24,
+                lambda a, s=scene: names_exactly(a, s),
+            )
+        )
         if i % 2 == 0:
-            prompt = "What color is the shape?"
-            answer = client.chat(prompt, [("image", image)])
-            note("image_color", names_exactly(answer, {"color": scene["color"]}), prompt, answer)
+            want = {"color": scene["color"]}
+            job = ("image_color", "What color is the shape?", files, 24)
         else:
-            prompt = "What shape is it?"
-            answer = client.chat(prompt, [("image", image)])
-            note("image_shape", names_exactly(answer, {"shape": scene["shape"]}), prompt, answer)
+            want = {"shape": scene["shape"]}
+            job = ("image_shape", "What shape is it?", files, 24)
+        jobs.append((*job, lambda a, w=want: names_exactly(a, w)))
     for i, row in enumerate(rows(data / "video_train.jsonl")[:n]):
-        video = data / row["video"]
         if "text" in row:
             scene = scene_of(row["text"])
         else:
@@ -136,33 +173,61 @@ def evaluate(client: Client, data: Path, voices: Path | None, n: int) -> dict[st
             )
         shape = scene.get("shape", "shape")
         prompt = (f"Which way does the {shape} move?", "Where is the shape going?")[i % 2]
-        answer = client.chat(prompt, [("video", video)])
         want = {"direction": scene["direction"]}
-        note("video_direction", names_exactly(answer, want), prompt, answer)
+        files = [("video", data / row["video"])]
+        jobs.append(("video_direction", prompt, files, 24, lambda a, w=want: names_exactly(a, w)))
     asr_sets = [("asr_toy_voices", data / "speech_train.jsonl")]
     if voices is not None:
         asr_sets.insert(0, ("asr_heldout_voices", voices / "speech_heldout.jsonl"))
+    if scenes is not None:
+        asr_sets.insert(0, ("asr_heldout_sentences", scenes / "speech_heldout.jsonl"))
     for task, manifest in asr_sets:
-        errors = total = 0
         for row in rows(manifest)[:n]:
-            answer = client.chat(
-                "Transcribe the audio.", [("audio", manifest.parent / row["audio"])]
-            )
-            e, t = wer_counts(row["text"], answer)
-            errors, total = errors + e, total + t
-            note(task + "_exact", e == 0, row["text"], answer)
-        results[task + "_wer"] = errors / max(1, total)
-    for row in rows(data / "mixed_train.jsonl"):
-        if "image" not in row or "audio" not in row:
-            continue
-        if len(results.get("spoken_question", [])) >= n:
-            break
-        answer_ref = row["conversations"][-1]["content"]
-        scene = scene_of(answer_ref)
+            files = [("audio", manifest.parent / row["audio"])]
+            score = lambda a, t=row["text"]: wer_counts(t, a)  # noqa: E731
+            jobs.append((task, "Transcribe the audio.", files, 64, score))
+    spoken = [r for r in rows(data / "mixed_train.jsonl") if "image" in r and "audio" in r][:n]
+    for row in spoken:
+        scene = scene_of(row["conversations"][-1]["content"])
         prompt = "Answer the spoken question about the image."
         files = [("image", data / row["image"]), ("audio", data / row["audio"])]
-        answer = client.chat(prompt, files)
-        note("spoken_question", names_exactly(answer, scene), prompt, answer)
+        jobs.append(("spoken_question", prompt, files, 24, lambda a, s=scene: names_exactly(a, s)))
+    typed: dict[str, str] = {}
+    spoken_general = rows(scenes / "spoken_heldout.jsonl")[:n] if scenes is not None else []
+    for row in spoken_general:  # the typed answers first: the spoken ones are scored on them
+        jobs.append(
+            ("typed", row["typed"], [], 96, lambda a, q=row["typed"]: typed.setdefault(q, a))
+        )
+
+    def ask(job: tuple) -> str:
+        _, prompt, files, max_tokens, _ = job
+        return client.chat(prompt, files, max_tokens)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(ask, jobs))
+        for job, answer in zip(jobs, answers, strict=True):
+            task, prompt, _, _, score = job
+            outcome = score(answer)
+            if task == "typed":
+                continue
+            if isinstance(outcome, tuple):  # WER counts of an ASR task
+                errors, total = results.setdefault(task + "_counts", [0, 0])
+                results[task + "_counts"] = [errors + outcome[0], total + outcome[1]]
+                note(task + "_exact", outcome[0] == 0, prompt, answer)
+            else:
+                note(task, outcome, prompt, answer)
+        voiced = [
+            ("spoken_vs_typed", "<audio>", [("audio", scenes / r["audio"])], 96, r["typed"])
+            for r in spoken_general
+            if scenes is not None
+        ]
+        for (task, _, _, _, question), answer in zip(voiced, pool.map(ask, voiced), strict=True):
+            agree = word_f1(answer, typed[question]) >= AGREEMENT_F1
+            note(task, agree, question, f"{answer!r} (typed: {typed[question]!r})")
+            note(task + "_exact", answer.strip() == typed[question].strip(), question, answer)
+    for task in [k for k in results if k.endswith("_counts")]:
+        errors, total = results.pop(task)
+        results[task.removesuffix("_counts") + "_wer"] = errors / max(1, total)
     summary = {
         k: (sum(v) / len(v) if isinstance(v, list) else v) for k, v in sorted(results.items())
     }
@@ -207,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=None, help="a running server instead of starting one")
     parser.add_argument("--data", type=Path, required=True, help="`xllm data toy --seed 999` dir")
     parser.add_argument("--voices", type=Path, default=None, help="held-out voices folder")
+    parser.add_argument(
+        "--scenes", type=Path, default=None, help="`xllm data scenes --heldout N` folder"
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="questions asked at once")
     parser.add_argument("--n", type=int, default=100, help="items per task")
     parser.add_argument("--out", type=Path, default=None, help="JSON result file")
     args = parser.parse_args(argv)
@@ -217,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         process, url = start_server(args.model, log_file)
     try:
         start = time.time()
-        summary = evaluate(Client(url), args.data, args.voices, args.n)
+        summary = evaluate(
+            Client(url), args.data, args.voices, args.n, args.scenes, args.concurrency
+        )
         summary["seconds"] = round(time.time() - start, 1)
         summary["model"] = str(args.model or "packaged demo")
     finally:
