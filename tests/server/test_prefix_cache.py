@@ -297,3 +297,59 @@ def test_a_repeated_request_reports_cached_tokens_and_answers_the_same(server, t
     assert replies[0]["text"] == replies[1]["text"]
     usage = replies[1]["usage"]
     assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+
+
+def test_many_requests_through_few_slots_decode_the_same_with_and_without_reuse(tiny_model):
+    """Twelve chats sharing prefixes of every length go through three slots in staggered waves:
+    records move aside, compaction exchanges slots, running sequences lend their K/V, and every
+    token is the one a full prefill gives."""
+    prompts = [
+        [("system", SYSTEM[: 40 + 17 * (i % 4)]), ("user", f"question {i % 5} " * (1 + i % 3))]
+        for i in range(12)
+    ]
+    max_tokens = [2 + (5 * i) % 11 for i in range(12)]
+
+    def run(prefix_cache: bool) -> tuple[list[list[int]], dict[str, int]]:
+        engine = Engine(
+            tiny_model, EngineConfig(max_batch=3, prefill_chunk=7, prefix_cache=prefix_cache)
+        )
+        counts = {"copy": 0, "exchange": 0}
+        copy, exchange = engine.runner.copy, engine.runner.cache.exchange
+
+        def counting_copy(*args) -> None:  # prefix copies (not compaction's moves)
+            counts["copy"] += 1
+            copy(*args)
+
+        def counting_exchange(*args) -> None:
+            counts["exchange"] += 1
+            exchange(*args)
+
+        engine.runner.copy = counting_copy  # type: ignore[method-assign]
+        engine.runner.cache.exchange = counting_exchange  # type: ignore[method-assign]
+        engine.start()
+
+        async def waves() -> list[Reply]:
+            replies: list[Reply] = []
+            for start in range(0, 12, 4):  # four at a time into three slots: one waits
+                batch = [
+                    run_together_one(engine, prompts[i], max_tokens[i])
+                    for i in range(start, start + 4)
+                ]
+                replies += await asyncio.gather(*batch)
+            return replies
+
+        try:
+            replies = asyncio.run(waves())
+        finally:
+            engine.shutdown()
+        return [r.tokens for r in replies], counts
+
+    reused, counts = run(prefix_cache=True)
+    plain, _ = run(prefix_cache=False)
+    assert reused == plain
+    assert counts["copy"] > 0 and counts["exchange"] > 0, counts
+
+
+async def run_together_one(engine: Engine, turns: Turns, max_tokens: int) -> Reply:
+    (reply,) = await run_together(engine, [(turns, [])], max_tokens)
+    return reply
