@@ -143,6 +143,13 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.chat_template = GLM4_CHAT_TEMPLATE
 
 
+def renders_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """The tokenizer's chat template lays out tool definitions (it reads `tools`), as
+    GLM-4's does; GLM4_CHAT_TEMPLATE does not."""
+    ensure_chat_template(tokenizer)
+    return re.search(r"\btools\b", str(tokenizer.chat_template)) is not None
+
+
 def build_layout(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[Message],
@@ -151,12 +158,14 @@ def build_layout(
     *,
     add_generation_prompt: bool = True,
     pad_id: int | None = None,
+    tools: Sequence[dict] | None = None,
 ) -> PromptLayout:
     """Token ids and media spans for a conversation.
 
     media_segments[i] are the tagged embedding runs of media item i (known after encoding).
     With add_generation_prompt=False (training), assistant contents and the token that ends each
-    of them (the next role token, or EOS at the end) are marked in `labels_mask`.
+    of them (the next role token, or EOS at the end) are marked in `labels_mask`. `tools`
+    (OpenAI's function definitions) go to a template that renders them (`renders_tools`).
     """
     ensure_chat_template(tokenizer)
     rendered: list[dict[str, str]] = []
@@ -167,8 +176,9 @@ def build_layout(
         if message.role == "assistant" and not add_generation_prompt:
             text = _SENTINEL.format("A") + text + _SENTINEL.format("/A")
         rendered.append({"role": message.role, "content": text})
+    extra = {"tools": list(tools)} if tools else {}
     prompt = tokenizer.apply_chat_template(
-        rendered, tokenize=False, add_generation_prompt=add_generation_prompt
+        rendered, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -190,6 +190,7 @@ class XLLM(nn.Module):
         encoded: Sequence[EncodedMedia],
         *,
         add_generation_prompt: bool = True,
+        tools: Sequence[dict] | None = None,
     ) -> PromptLayout:
         segments = [[MediaSegment(kind, t.shape[0]) for kind, t in item] for item in encoded]
         return build_layout(
@@ -198,6 +199,7 @@ class XLLM(nn.Module):
             segments,
             self.config.tags,
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
         )
 
     def embed(self, layout: PromptLayout, encoded: Sequence[EncodedMedia]) -> torch.Tensor:

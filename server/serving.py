@@ -68,7 +68,8 @@ class ChatInput:
     prompt: str | None = None  # raw text instead of turns: no chat template (/v1/completions)
     n: int = 1  # choices (OpenAI's n): one prefill, n slots
     grammar: str | None = None  # structured outputs: what the text must match (model/grammar.py)
-    tools: ToolPlan | None = None  # a forced tool call: how to read the text as one
+    tools: ToolPlan | None = None  # how to read the text as a tool call
+    tool_definitions: tuple[dict, ...] = ()  # for a chat template that renders tools
 
 
 @dataclass
@@ -354,6 +355,8 @@ class ChatService:
                 group=group,
                 choice=choice,
                 grammar=chat.grammar,
+                tools=chat.tool_definitions,
+                tools_in_prompt=chat.tools is not None and chat.tools.auto,
                 pinned=pinned,
             )
             if (
@@ -514,8 +517,16 @@ class ChatService:
         if isinstance(request.stop, str):
             overrides["stop"] = [request.stop]
         overrides["logprobs"] = (request.top_logprobs or 0) if request.logprobs else None
+        definitions = tuple(t.model_dump(exclude_none=True) for t in request.tools or ())
         return ChatInput(
-            turns, media, overrides, request_id, n=request.n or 1, grammar=grammar, tools=tools
+            turns,
+            media,
+            overrides,
+            request_id,
+            n=request.n or 1,
+            grammar=grammar,
+            tools=tools,
+            tool_definitions=definitions if tools else (),
         )
 
     # --- OpenAI legacy completion request -> one ChatInput per prompt ---

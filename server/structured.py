@@ -4,7 +4,9 @@
 decodes (model/grammar.py). A forced call (`tool_choice` "required", or a named function) is
 generated under a grammar too: a named function's arguments under its parameters schema; with
 "required" among several tools, `{"name":...,"arguments":...}` under the union of their
-schemas (the name first, so that a stream can announce it before the arguments). Earlier calls
+schemas (the name first, so that a stream can announce it before the arguments). With
+`tool_choice` "auto" the tools go to a chat template that renders them (the engine refuses the
+request when the model's does not) and the reply is read in GLM-4's call format. Earlier calls
 and tool results in the history are rendered in GLM-4's format: an assistant turn
 `name\\n{arguments}` per call, a tool's result as an `observation` turn. No HTTP here: errors
 are ServingError (400).
@@ -45,22 +47,40 @@ def response_format_grammar(response_format: ResponseFormat | None) -> str | Non
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """A forced tool call: the grammar of the generated text and, with one function, its name
-    (None: the text names the function, `{"name":...,"arguments":...}`)."""
+    """How a reply with tools is read. A forced call: the grammar of the generated text and,
+    with one function, its name (None: the text names the function,
+    `{"name":...,"arguments":...}`). "auto" (grammar None): the model answers in text or calls
+    a function in GLM-4's format, `name\\n{arguments}`, `names` being the functions it may call."""
 
-    grammar: str
+    grammar: str | None
     name: str | None
+    names: tuple[str, ...] = ()
+
+    @property
+    def auto(self) -> bool:
+        return self.grammar is None
 
     def parse(self, text: str) -> tuple[str, str] | None:
         """(function name, arguments as JSON text) of a complete generation; None when the text
-        is not a whole call (the generation ran out of tokens)."""
-        try:
-            value = json.loads(text)
-        except ValueError:
+        is not a whole call (the generation ran out of tokens, or "auto" answered in text)."""
+        if self.auto:
+            name, newline, arguments = text.partition("\n")
+            if not newline or name.strip() not in self.names:
+                return None
+            return (name.strip(), arguments.strip()) if _is_object(arguments) else None
+        if not _is_object(text):
             return None
         if self.name is not None:
             return self.name, text
+        value = json.loads(text)
         return value["name"], json.dumps(value["arguments"], separators=(",", ":"))
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def tool_plan(
@@ -76,18 +96,13 @@ def tool_plan(
         return None
     if tool_choice == "none":
         return None
-    if tool_choice in (None, "auto"):
-        raise ServingError(
-            "tool_choice 'auto' (the default with tools) needs a chat template that renders "
-            "tools and a parser of the model's tool-call format; this server has neither for "
-            "its model: use tool_choice 'required' or name a function",
-            400,
-        )
     names = [tool.function.name for tool in tools]
     if len(set(names)) < len(names):
         raise ServingError("two tools have the same name", 400)
     if response_format is not None and response_format.type != "text":
-        raise ServingError("a forced tool call cannot also have a response_format", 400)
+        raise ServingError("tools (other than tool_choice 'none') exclude response_format", 400)
+    if tool_choice in (None, "auto"):  # the engine refuses it unless the template renders tools
+        return ToolPlan(None, None, tuple(names))
     if isinstance(tool_choice, NamedToolChoice):
         name = tool_choice.function.name
         if name not in names:
@@ -132,32 +147,59 @@ def call_text(name: str, arguments: str) -> str:
 
 
 class ToolCallStream:
-    """A forced call's text as it streams -> the function's name once known, then the
-    arguments' text in pieces (OpenAI's tool_call deltas)."""
+    """A reply's text as it streams -> its text deltas, or (a call) the function's name once
+    known, then the arguments' text in pieces (OpenAI's tool_call deltas)."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.name: str | None = None  # announced
+        self.text_mode = False  # "auto" answered in text
         self._text = ""  # all the text so far
-        self._sent = 0  # characters of the arguments already given out
+        self._sent = 0  # characters of the arguments (or of the text) already given out
 
-    def push(self, text: str) -> tuple[str | None, str]:
-        """(the name if it is known only now, else None; more of the arguments' text)."""
+    def push(self, text: str) -> tuple[str, str | None, str]:
+        """(more of the answer's text; the name if it is known only now, else None; more of
+        the arguments' text)."""
         self._text += text
+        if self.plan.auto and self.name is None:
+            self._decide()
+        if self.text_mode:
+            piece = self._text[self._sent :]
+            self._sent = len(self._text)
+            return piece, None, ""
         start, end = self._arguments_span()
         if start is None:
-            return None, ""
+            return "", None, ""
         announced = None
         if self.name is None:
-            self.name = announced = self.plan.name or _CALL_PREFIX.match(self._text).group(1)  # type: ignore[union-attr]
+            self.name = announced = self._name()
         piece = self._text[start + self._sent : end]
         self._sent += len(piece)
-        return announced, piece
+        return "", announced, piece
+
+    def _decide(self) -> None:
+        """ "auto": a call once the first line is a function's name; text as soon as it cannot
+        be one."""
+        first, newline, _ = self._text.partition("\n")
+        if newline:
+            self.text_mode = first.strip() not in self.plan.names
+        elif not any(name.startswith(first.strip()) for name in self.plan.names):
+            self.text_mode = True
+
+    def _name(self) -> str:
+        if self.plan.auto:
+            return self._text.partition("\n")[0].strip()
+        if self.plan.name is not None:
+            return self.plan.name
+        return _CALL_PREFIX.match(self._text).group(1)  # type: ignore[union-attr]
 
     def _arguments_span(self) -> tuple[int | None, int]:
-        """Where the arguments are in the text so far: all of it for a named function; after
-        the name for a call among several, holding back the last character (the call's
-        closing brace, once the text is complete)."""
+        """Where the arguments are in the text so far: all of it for a named function, after
+        the name's line for "auto"; after the name for a call among several, holding back the
+        last character (the call's closing brace, once the text is complete)."""
+        if self.plan.auto:
+            first, newline, _ = self._text.partition("\n")
+            return (len(first) + 1, len(self._text)) if newline else (None, 0)
         if self.plan.name is not None:
             return 0, len(self._text)
         match = _CALL_PREFIX.match(self._text)
@@ -168,17 +210,22 @@ class ToolCallStream:
     @property
     def complete(self) -> bool:
         """The text so far is a whole call."""
-        return self.plan.parse(self._text) is not None
+        return not self.text_mode and self.plan.parse(self._text) is not None
 
-    def finish(self) -> str:
-        """The arguments' text still held when the generation ends (a whole call's closing
-        brace is not part of them)."""
+    def finish(self) -> tuple[str, str]:
+        """At the end: (the text still held, as text; the arguments' text still held). An
+        "auto" reply that never became a call is text; a whole call's closing brace is not
+        part of its arguments."""
+        if self.plan.auto and self.name is None:
+            piece = self._text[self._sent :]
+            self._sent = len(self._text)
+            return piece, ""
         start, _ = self._arguments_span()
-        if start is None or self.plan.name is not None or self.complete:
-            return ""
+        if start is None or self.plan.name is not None or self.plan.auto or self.complete:
+            return "", ""
         piece = self._text[start + self._sent :]
         self._sent += len(piece)
-        return piece
+        return "", piece
 
 
 def call_id() -> str:

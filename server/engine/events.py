@@ -33,6 +33,10 @@ class EngineRequest:
     choice: int = 0
     # structured outputs: the grammar (model/grammar.py) every choice's text must match
     grammar: str | None = None
+    # OpenAI's tool definitions, laid out by a chat template that renders tools; with
+    # tools_in_prompt the request needs that (tool_choice "auto": the model must see them)
+    tools: tuple[dict, ...] = ()
+    tools_in_prompt: bool = False
     # digests of media whose encoder outputs stay until released (media handles' encodings)
     pinned: tuple[str, ...] = ()
 

@@ -19,7 +19,7 @@ from xllm.model.detokenize import IncrementalDetokenizer, SequenceState, TokenBy
 from xllm.model.generate import CompileOptions, SlotDecoder, prefill_rows
 from xllm.model.grammar import GrammarError, GrammarGuide
 from xllm.model.kv_cache import SlotKVCache
-from xllm.model.prompt import PromptLayout
+from xllm.model.prompt import PromptLayout, renders_tools
 from xllm.model.sampling import Sampled, SampledLogprobs, make_generator, prompt_logprobs, sample
 from xllm.model.xllm import XLLM, EncodedMedia
 from xllm.server.engine.config import EngineConfig
@@ -38,6 +38,11 @@ from xllm.server.engine.scheduler import PrefillChunk
 from xllm.server.engine.sequence import Sequence
 
 log = logging.getLogger("xllm.engine")
+
+TOOLS_NOT_RENDERED = (
+    "tool_choice 'auto' (the default with tools) needs a chat template that renders tools; this "
+    "model's does not: use tool_choice 'required' or name a function"
+)
 
 
 @dataclass
@@ -129,7 +134,10 @@ class ModelRunner:
             ids = self.model.tokenizer(request.prompt)["input_ids"]
             layout = PromptLayout(token_ids=list(ids))
         else:
-            layout = self.model.layout(request.messages, media)
+            tools = request.tools if renders_tools(self.model.tokenizer) else ()
+            if request.tools_in_prompt and not tools:
+                return ErrorEvent(TOOLS_NOT_RENDERED, 400, "invalid_request_error")
+            layout = self.model.layout(request.messages, media, tools=tools)
         prompt_len = len(layout)
         params = request.params
         room = self.max_model_len - prompt_len

@@ -99,17 +99,17 @@ async def _complete(
 
 
 def _choice(index: int, completion: Completion, tools: ToolPlan | None, asked: bool) -> Choice:
-    """A choice's text, or (a forced tool call) its call: finish_reason "tool_calls" once the
-    call is whole, "length" when the tokens ran out first (its arguments cut short)."""
+    """A choice's text, or (with tools) its call: finish_reason "tool_calls" once the call is
+    whole, "length" when the tokens ran out first (its arguments cut short)."""
     logprobs = ChoiceLogprobs.of(completion.logprobs) if asked else None
     finish = completion.finish_reason
     if tools is None:
         message = AssistantMessage(content=completion.text)
         return Choice(index=index, message=message, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
     call = ToolCallStream(tools)
-    name, arguments = call.push(completion.text)
-    arguments += call.finish()
-    if name is None:  # not even the function's name came out
+    _, name, arguments = call.push(completion.text)
+    arguments += call.finish()[1]
+    if name is None:  # an answer in text ("auto"), or not even the function's name came out
         message = AssistantMessage(content=completion.text)
     else:
         function = FunctionCall(name=name, arguments=arguments)
@@ -129,16 +129,20 @@ async def _chunks(
     tools: ToolPlan | None,
 ) -> AsyncIterator[str]:
     """Per choice a role chunk, its deltas (with their tokens' logprobs when asked) and its
-    finish_reason; the usage of all choices last when asked, then [DONE]. A forced tool call
-    streams as OpenAI's tool_call deltas: the id and name first, then the arguments' text."""
+    finish_reason; the usage of all choices last when asked, then [DONE]. A tool call streams
+    as OpenAI's tool_call deltas: the id and name first, then the arguments' text."""
     pending: list[list[TokenLogprobs]] = [[] for _ in generations]  # tokens whose text waits
     usage = Usage(0, 0)  # of the choices that ended
     calls = [ToolCallStream(tools) for _ in generations] if tools else []
+    forced = tools is not None and not tools.auto  # a call, never text
 
     def call_delta(index: int, text: str, final: bool) -> DeltaMessage | None:
-        name, arguments = calls[index].push(text)
+        content, name, arguments = calls[index].push(text)
         if final:
-            arguments += calls[index].finish()
+            held, more = calls[index].finish()
+            content, arguments = content + held, arguments + more
+        if content:  # "auto" answered in text
+            return DeltaMessage(content=content)
         if name is not None:
             function = FunctionCallDelta(name=name, arguments=arguments)
             delta = ToolCallDelta(index=0, id=call_id(), type="function", function=function)
@@ -179,7 +183,7 @@ async def _chunks(
 
     try:
         yield "".join(
-            chunk(index, DeltaMessage(role="assistant", content=None if tools else ""))
+            chunk(index, DeltaMessage(role="assistant", content=None if forced else ""))
             for index in range(len(generations))
         )
         async for index, batch in merged_event_batches(generations):  # several events: one write

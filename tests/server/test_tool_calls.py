@@ -1,15 +1,19 @@
 """Tool calls through the official `openai` client against a real `xllm serve` on the tiny
 random model: a forced call's arguments validate against the function's parameters (named, or
 "required" among several), streamed as OpenAI's tool_call deltas, tool results and earlier
-calls accepted in the history, and the 400s of what cannot be honoured."""
+calls accepted in the history, the 400s of what cannot be honoured, and tool_choice "auto" on a
+model whose chat template renders tools (GLM-4's call format read as a call)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import jsonschema
 import openai
 import pytest
+
+from xllm.server.structured import ToolCallStream, ToolPlan
 
 WEATHER = {
     "type": "object",
@@ -153,3 +157,63 @@ def test_what_cannot_be_honoured_is_400(client):
     bad = [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]
     with pytest.raises(openai.BadRequestError, match="tool 'f'"):
         ask(model="m", messages=MESSAGES, tools=bad, tool_choice="required")
+
+
+# A GLM-4-style template that lays out the tools in a system turn (GLM-4's own does so).
+TOOLS_TEMPLATE = (
+    "[gMASK]<sop>{% if tools %}<|system|>\n# Tools{% for tool in tools %}\n## "
+    "{{ tool['function']['name'] }}\n{{ tool['function'] | tojson }}{% endfor %}{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tools_client(start_server, tiny_model_dir, tmp_path_factory) -> openai.OpenAI:
+    """A server whose model's chat template renders tools."""
+    model_dir = tmp_path_factory.mktemp("tools-model") / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "llm" / "chat_template.jinja").write_text(TOOLS_TEMPLATE)
+    server = start_server(model_dir=model_dir)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_auto_where_the_template_renders_tools(tools_client):
+    plain = tools_client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4)
+    for tool_choice in ("auto", None):
+        extra = {"tool_choice": tool_choice} if tool_choice else {}
+        reply = tools_client.chat.completions.create(
+            model="m", messages=MESSAGES, tools=TOOLS, max_tokens=4, **extra
+        )
+        # the tools are in the prompt; the random model answers in text, which stays text
+        assert reply.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+        choice = reply.choices[0]
+        assert choice.message.tool_calls is None and choice.message.content is not None
+    # forced calls on this model see the tools too
+    forced = tools_client.chat.completions.create(
+        model="m", messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=4
+    )
+    assert forced.usage.prompt_tokens == reply.usage.prompt_tokens
+
+
+def test_glm4_call_format_is_read_as_a_call():
+    plan = ToolPlan(None, None, ("get_weather", "get_time"))
+    assert plan.parse('get_weather\n{"city": "Paris"}') == ("get_weather", '{"city": "Paris"}')
+    assert plan.parse("get_weather is a tool") is None
+    assert plan.parse('nope\n{"a": 1}') is None
+    stream = ToolCallStream(plan)
+    pieces = [stream.push(p) for p in ("get_w", "eather\n", '{"city"', ': "Paris"}')]
+    assert pieces == [
+        ("", None, ""),
+        ("", "get_weather", ""),
+        ("", None, '{"city"'),
+        ("", None, ': "Paris"}'),
+    ]
+    assert stream.complete and stream.finish() == ("", "")
+    text = ToolCallStream(plan)
+    assert text.push("get") == ("", None, "")  # could still be a name
+    assert text.push(" it?") == ("get it?", None, "")  # cannot: text from here on
+    assert not text.complete and text.finish() == ("", "")
+    held = ToolCallStream(plan)
+    assert held.push("get_ti") == ("", None, "")
+    assert held.finish() == ("get_ti", "")  # ended before a name was whole: text
