@@ -206,6 +206,25 @@ class RemoteBackend(Backend):
     def answer_all(self, queries, max_tokens, on_done=None):
         return asyncio.run(self._answer_all(list(queries), max_tokens, on_done))
 
+    def transcribe(self, audio: bytes, response_format: str) -> str:
+        """The body of one greedy /v1/audio/transcriptions reply; ValueError for an error
+        answer, BackendError when the server cannot be reached."""
+        form = {"model": self.model_name or "", "response_format": response_format}
+        url = f"{self.base}/audio/transcriptions"
+        try:
+            reply = httpx.post(
+                url,
+                data={**form, "temperature": "0"},
+                files={"file": ("long.wav", audio)},
+                headers=self._headers(),
+                timeout=self.timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise BackendError(f"cannot reach the server at {url}: {exc}") from None
+        if reply.status_code != 200:
+            raise ValueError(f"HTTP {reply.status_code}: {reply.text[:300]}")
+        return reply.text
+
     async def _answer_all(self, queries, max_tokens, on_done):
         gate = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(

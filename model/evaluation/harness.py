@@ -25,6 +25,7 @@ from xllm.model.evaluation.judge import (
     review_content,
     rule_for,
 )
+from xllm.model.evaluation.long_clip import long_clip_result
 from xllm.model.evaluation.metrics import ReviewScore, relative_scores
 from xllm.model.evaluation.published import figures_for
 from xllm.model.evaluation.tasks import (
@@ -151,6 +152,10 @@ def run_task(
         metrics, failed = _relative_score(items, answers, predictions, judge, options)
     else:
         metrics, failed = score_items(task, items, answers, options.normalizer, options.numbers)
+    if options.transcriptions and task == "asr":
+        answered = [item for i, item in enumerate(items) if i not in set(failed)]
+        clips = [(item.reference, item.queries["answer"].media[0][1]) for item in answered]
+        metrics["long_clip"] = long_clip_result(backend, clips, options.normalizer, options.numbers)
 
     failed_ids = [items[i].id for i in failed]
     scored = len(items) - len(failed)

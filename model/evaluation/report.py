@@ -36,10 +36,19 @@ def headline(result: dict[str, Any]) -> str:
     if not result.get("rows"):
         return "no rows scored"
     if task == "asr":
-        return (
+        line = (
             f"WER {_pct(result['wer'])}% · CER {_pct(result['cer'])}% "
             f"({result['normalizer']} normaliser)"
         )
+        if "transcriptions" in result:  # --compare-transcriptions
+            line += f"; /v1/audio/transcriptions WER {_pct(result['transcriptions']['wer'])}%"
+            long = result.get("long_clip", {})
+            if "wer" in long:
+                line += (
+                    f", a {_num(long['seconds'])} s recording of {long['clips']} clips: "
+                    f"{long['segments']} segments, WER {_pct(long['wer'])}%"
+                )
+        return line
     if task == "masr":
         return (
             f"WER {_pct(result['wer'])}% with image, {_pct(result['wer_without_image'])}% "

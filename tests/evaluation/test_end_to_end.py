@@ -276,6 +276,11 @@ def test_asr_through_transcriptions_beside_chat(eval_server, eval_pack, tmp_path
     rows = [json.loads(r) for r in out.with_suffix(".predictions.jsonl").read_text().splitlines()]
     assert all(set(r["answers"]) == {"answer", "transcriptions"} for r in rows)
     assert all(isinstance(r["answers"]["transcriptions"], str) for r in rows)
+    # the clips joined into one recording (with pauses), transcribed at once in segments
+    long = report["long_clip"]
+    assert long["clips"] == PACK_N and long["segments"] == PACK_N, long
+    assert long["srt"].count(" --> ") == long["srt"].count("\n\n") <= PACK_N
+    assert long["wer"] >= 0 and long["seconds"] > PACK_N * 2.5
 
     code, _, err = run_cli(
         [
