@@ -207,6 +207,3 @@ class FileStore:
             for stored in files:
                 (directory / stored.id).unlink(missing_ok=True)
                 (directory / f"{stored.id}.json").unlink(missing_ok=True)
-
-    def __len__(self) -> int:
-        return len(self._files)
