@@ -374,8 +374,8 @@ class SpeechStage1(Objective):
         assert model.speech is not None and isinstance(cformer, CFormer)
         media = [s.media[0] for s in samples]
         features = torch.cat([m.audio_features for m in media]).to(model.device)
-        frames = model.speech.join_windows(
-            model.speech(features),  # (W, P, De), frozen
+        frames = model.speech.encode_clips(  # frozen
+            features,
             [m.audio_features.shape[0] for m in media],
             [m.audio_frames for m in media],
         )  # [(T_i, De)]
