@@ -10,7 +10,8 @@ clips start with their speech or a little silence; the demo model answers differ
 clip starts even 10 ms earlier, so the onset is found to the sample.) A segment still longer
 than `max_seconds` (speech without pauses) is cut at its quietest frame in the second half of
 the allowed length, again and again. A recording with no contrast between quiet and loud (a
-tone, constant noise) is one run of speech; one without any sound, none.
+tone, constant noise) is one run of speech; one without any sound, none. A recording of one
+utterance that fits `max_seconds` is one segment, the whole of it (as a chat request sends it).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def split_speech(
                 above = np.flatnonzero(np.abs(samples[onset : onset + frame]) > audible_amplitude)
                 onset += int(above[0]) if above.size else 0
             segments.append(AudioSegment(onset, min(b * frame, samples.size)))
+    if len(segments) == 1 and samples.size <= max_seconds * SAMPLE_RATE:
+        return [AudioSegment(0, samples.size)]  # one utterance that fits: as recorded
     return segments
 
 

@@ -45,6 +45,12 @@ def test_speech_without_pauses_is_cut_within_the_limit() -> None:
         assert after.start >= before.end  # in order, no overlap
 
 
+def test_one_utterance_that_fits_is_the_whole_recording() -> None:
+    samples, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    assert spans(split_speech(samples)) == [(0.0, samples.size / SAMPLE_RATE)]
+    assert len(split_speech(samples, max_seconds=1.0)) > 1  # longer than a segment may be
+
+
 def test_silence_has_no_segments_and_a_tone_is_speech() -> None:
     assert split_speech(np.zeros(5 * SAMPLE_RATE, np.float32)) == []
     t = np.arange(70 * SAMPLE_RATE) / SAMPLE_RATE
