@@ -38,8 +38,10 @@ from xllm.server.transcription import (
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-TEXT_REPLY = {"content": {t: {"schema": {"type": "string"}} for t in ("text/plain", "text/vtt")}}
-STREAM_EVENTS = {"text/event-stream": {"schema": {"type": "string"}}}
+# the 200's other bodies: text and srt (text/plain), vtt, the stream
+TEXT_BODIES = {
+    kind: {"schema": {"type": "string"}} for kind in ("text/plain", "text/vtt", "text/event-stream")
+}
 
 
 @router.post(
@@ -50,7 +52,7 @@ STREAM_EVENTS = {"text/event-stream": {"schema": {"type": "string"}}}
         200: {
             "description": "json / verbose_json; text, srt and vtt as text; with stream=true "
             "SSE transcript.text.delta events, then transcript.text.done",
-            "content": {**TEXT_REPLY["content"], **STREAM_EVENTS},
+            "content": TEXT_BODIES,
         },
     },
     summary="Transcribe speech of any length (split at pauses into utterance segments)",
