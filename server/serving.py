@@ -485,6 +485,7 @@ class ChatService:
         media: list[MediaInput] = []
         for message in request.messages:
             role = {"developer": "system", "tool": "observation"}.get(message.role, message.role)
+            # an assistant's earlier calls follow its text, as GLM-4 writes them
             calls = [
                 call_text(c.function.name, c.function.arguments) for c in message.tool_calls or []
             ]
@@ -509,7 +510,7 @@ class ChatService:
                     kind, data = "audio", _b64(part.input_audio.data, "input_audio.data")
                 media.append(MediaInput(kind, data))
                 text += f"<{kind}>"
-            turns.append((role, text))
+            turns.append((role, "\n".join([text, *calls]).strip("\n")))
         overrides = {
             name: getattr(request, name) for name in SAMPLING_FIELDS if name != "max_tokens"
         }
