@@ -5,8 +5,9 @@ A handle belongs to the API key that made it (another key, or none, gets a 404, 
 exist); each key has a quota of handles and of bytes, and a handle lives `ttl` seconds (or until
 deleted). The store keeps the bytes in memory or, with a directory, in `<id>` and `<id>.json`
 files there: a restart then keeps every handle that has not expired (its media decoded again at
-first use); without a directory a restart keeps none. The prepared media (pixels, log-mel
-features) stay in memory while the handle lives. Thread-safe; no HTTP types.
+first use); without a directory a restart keeps none. The directory is the truth, so servers
+that share it (replicas on one volume) serve each other's handles. The prepared media (pixels,
+log-mel features) stay in memory while the handle lives. Thread-safe; no HTTP types.
 """
 
 from __future__ import annotations
@@ -81,27 +82,41 @@ class FileStore:
         self.on_release: Callable[[list[str]], None] | None = None
         if limits.directory is not None:
             limits.directory.mkdir(parents=True, exist_ok=True)
-            self._load(limits.directory)
+        self._sync()
 
-    def _load(self, directory: Path) -> None:
-        """The handles a previous run left in the directory (expired ones are removed)."""
-        for meta_path in sorted(directory.glob("file-*.json")):
-            try:
-                stored = StoredFile(**json.loads(meta_path.read_text()))
-            except (OSError, ValueError, TypeError):
-                log.warning("unreadable media handle skipped", extra={"path": str(meta_path)})
-                continue
-            if not (directory / stored.id).is_file():
-                meta_path.unlink(missing_ok=True)
-                continue
-            self._files[stored.id] = stored
+    def _sync(self) -> None:
+        """With a directory: take in the handles found there (a previous run's, another
+        server's), let go of those deleted there; then remove the expired ones."""
+        directory = self.limits.directory
+        if directory is not None:
+            on_disk = {path.name.removesuffix(".json") for path in directory.glob("file-*.json")}
+            with self._lock:
+                gone = [f for file_id, f in self._files.items() if file_id not in on_disk]
+                new = sorted(on_disk - set(self._files))
+            self._remove(gone)
+            for file_id in new:
+                self._load(directory, file_id)
         self.sweep()
+
+    def _load(self, directory: Path, file_id: str) -> StoredFile | None:
+        meta_path = directory / f"{file_id}.json"
+        try:
+            stored = StoredFile(**json.loads(meta_path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError):
+            log.warning("unreadable media handle skipped", extra={"path": str(meta_path)})
+            return None
+        if stored.id != file_id or not (directory / file_id).is_file():
+            return None  # being deleted, or not a handle's
+        with self._lock:
+            return self._files.setdefault(file_id, stored)
 
     # --- handles ---
     def check_quota(self, owner: str, size: int) -> None:
         """ServingError 429 (insufficient_quota) when one more file of `size` bytes would take
         the owner past its quota."""
-        self.sweep()
+        self._sync()
         with self._lock:
             mine = [f for f in self._files.values() if f.owner == owner]
         limits = self.limits
@@ -161,7 +176,14 @@ class FileStore:
         self.sweep()
         with self._lock:
             stored = self._files.get(file_id)
-        if stored is None or stored.owner != owner:
+        directory = self.limits.directory
+        if directory is not None and _is_handle_id(file_id):  # the directory is the truth
+            if stored is None:
+                stored = self._load(directory, file_id)
+            elif not (directory / file_id).is_file():
+                self._remove([stored])
+                stored = None
+        if stored is None or stored.owner != owner or self._expired(stored):
             raise ServingError(f"no file with id '{file_id}'", 404)
         return stored
 
@@ -172,7 +194,7 @@ class FileStore:
         return (self.limits.directory / stored.id).read_bytes()
 
     def list(self, owner: str) -> list[StoredFile]:
-        self.sweep()
+        self._sync()
         with self._lock:
             return sorted(
                 (f for f in self._files.values() if f.owner == owner),
@@ -186,13 +208,13 @@ class FileStore:
 
     def sweep(self) -> list[StoredFile]:
         """Remove the handles whose time is up; returns them."""
-        now = self._clock()
         with self._lock:
-            expired = [
-                f for f in self._files.values() if f.expires_at is not None and f.expires_at <= now
-            ]
+            expired = [f for f in self._files.values() if self._expired(f)]
         self._remove(expired)
         return expired
+
+    def _expired(self, stored: StoredFile) -> bool:
+        return stored.expires_at is not None and stored.expires_at <= self._clock()
 
     def _remove(self, files: list[StoredFile]) -> None:
         with self._lock:
@@ -207,3 +229,12 @@ class FileStore:
             for stored in files:
                 (directory / stored.id).unlink(missing_ok=True)
                 (directory / f"{stored.id}.json").unlink(missing_ok=True)
+
+
+def _is_handle_id(file_id: str) -> bool:
+    """The shape of the ids `add` makes (so that no other name reaches the file system)."""
+    return (
+        file_id.startswith("file-")
+        and len(file_id) == 29
+        and all(c in "0123456789abcdef" for c in file_id[5:])
+    )

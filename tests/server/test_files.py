@@ -143,6 +143,18 @@ def test_handles_expire_and_a_directory_keeps_them_across_restarts(tmp_path):
     assert restarted.data(again) == RED  # decoded again at its first use
     with pytest.raises(Exception, match="no file"):
         restarted.get("someone else", kept.id)
+    for name in ("../files", "file-../../etc/passwd", f"{kept.id}.json"):
+        with pytest.raises(Exception, match="no file"):
+            restarted.get("owner", name)
+
+    # Two servers sharing the directory serve each other's handles, and see their deletions.
+    other = restarted.add("owner", "c.png", "vision", "image", RED, prepared=None)  # type: ignore[arg-type]
+    assert store.get("owner", other.id).filename == "c.png"
+    assert {f.id for f in store.list("owner")} == {kept.id, other.id}
+    restarted.delete("owner", other.id)
+    with pytest.raises(Exception, match="no file"):
+        store.get("owner", other.id)
+    assert [f.id for f in store.list("owner")] == [kept.id]
 
     now[0] += 61  # its time is up
     with pytest.raises(Exception, match="no file"):
