@@ -296,7 +296,7 @@ class ChatService:
         self._check_choices(chat.n)
         if chat.grammar is not None and params.min_tokens:
             raise ServingError("min_tokens cannot be combined with response_format or tools", 400)
-        self._check_media_count(len(chat.media))
+        self._check_media_count(sum(not item.pinned for item in chat.media))  # handles: free
         texts = chat.turns if chat.prompt is None else [("user", chat.prompt)]
         self._check_prompt_size(texts)
         for _, text in texts:
@@ -472,10 +472,11 @@ class ChatService:
         grammar = tools.grammar if tools else response_format_grammar(request.response_format)
         if request.top_logprobs is not None and not request.logprobs:
             raise ServingError("'top_logprobs' needs 'logprobs': true", 400)
-        # Counted before any URL is fetched or data URI decoded.
+        # Counted before any URL is fetched or data URI decoded; media handles do not count
+        # (decoded at their upload, and bounded by their quota).
         self._check_media_count(
             sum(
-                part.type != "text"
+                part.type not in ("text", "file")
                 for message in request.messages
                 if isinstance(message.content, list)
                 for part in message.content

@@ -71,6 +71,13 @@ def test_an_uploaded_image_answers_like_the_same_image_inline(server):
         assert reply.status_code == 200, reply.text
         assert reply.json()["text"] == expected.json()["text"]
 
+    # Handles do not count against --max-media-per-request (4 on this server): decoded at upload
+    many = [handle(uploaded.id)] * 5
+    reply = client.chat.completions.create(model="m", messages=user(*many), **GREEDY)
+    assert reply.usage.prompt_tokens_details.image_tokens == 5 * 8
+    with pytest.raises(openai.APIStatusError, match="max-media-per-request"):
+        client.chat.completions.create(model="m", messages=user(*[inline(RED)] * 5), **GREEDY)
+
     deleted = client.files.delete(uploaded.id)
     assert (deleted.id, deleted.deleted) == (uploaded.id, True)
     with pytest.raises(openai.NotFoundError, match=uploaded.id):
