@@ -18,6 +18,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import llguidance.torch
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -87,6 +88,7 @@ class GrammarGuide:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_ids)
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._executor: llguidance.LLExecutor | None = None  # for several rows at once
         # bit i of the mask's word w: token 32 * w + i
         self._shifts = torch.arange(32, dtype=torch.int32)
 
@@ -109,9 +111,13 @@ class GrammarGuide:
         """Allowed tokens (R, vocab_size) bool, one row per matcher, from its current state."""
         words = (self.vocab_size + 31) // 32
         bits = torch.zeros(len(matchers), words, dtype=torch.int32)
-        for row, matcher in enumerate(matchers):
-            view = bits[row]
-            matcher.unsafe_compute_mask_ptr(view.data_ptr(), words * 4)
+        if len(matchers) == 1:
+            matchers[0].unsafe_compute_mask_ptr(bits.data_ptr(), words * 4)
+        else:  # all rows in one call, on llguidance's own threads (without the GIL)
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            rows = [(matcher, row) for row, matcher in enumerate(matchers)]
+            llguidance.torch.fill_next_token_bitmask_par(self._executor, rows, bits)
         allowed = (bits[:, :, None] >> self._shifts) & 1  # (R, words, 32)
         return allowed.flatten(1)[:, : self.vocab_size].bool()
 
