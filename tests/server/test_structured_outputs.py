@@ -7,6 +7,7 @@ cannot finish within max_tokens."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
@@ -163,3 +164,34 @@ def test_schemas_that_cannot_be_enforced_are_400(client):
             response_format={"type": "json_object"},
             extra_body={"min_tokens": 3},
         )
+
+
+def test_unconstrained_rows_beside_constrained_ones_are_unchanged(client):
+    """Greedy text without a grammar is the same alone and in a batch with constrained rows."""
+    plain = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "an unconstrained story"}],
+        "temperature": 0,
+        "max_tokens": 24,
+        "extra_body": {"ignore_eos": True},
+    }
+    alone = client.chat.completions.create(**plain).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        constrained = [
+            pool.submit(
+                client.chat.completions.create,
+                model="m",
+                messages=MESSAGES,
+                response_format=SCHEMA_FORMAT,
+                temperature=1.0,
+                seed=seed,
+                max_tokens=48,
+            )
+            for seed in range(3)
+        ]
+        beside = pool.submit(client.chat.completions.create, **plain)
+        assert beside.result().choices[0].message.content == alone
+        for future in constrained:
+            choice = future.result().choices[0]
+            if choice.finish_reason == "stop":
+                jsonschema.validate(json.loads(choice.message.content), PERSON)
