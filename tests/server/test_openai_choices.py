@@ -4,8 +4,12 @@ usage over all choices, and the 4xx of impossible requests."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import openai
 import pytest
+
+from tests.servers import wait_until
 
 NO_EOS = {"ignore_eos": True, "top_k": 0, "repetition_penalty": 1.0}
 
@@ -160,3 +164,35 @@ def test_places_are_given_back(client):
             model="m", messages=[{"role": "user", "content": "x"}], n=4, max_tokens=2
         )
         assert len(reply.choices) == 4
+
+
+def test_a_stream_of_choices_left_early_gives_its_places_back(small, client):
+    stream = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "left early"}],
+        n=4,
+        max_tokens=200,
+        stream=True,
+        extra_body=NO_EOS,
+    )
+    next(iter(stream))
+    stream.close()
+
+    def idle() -> bool:
+        running = small.metric("xllm_num_requests_running")
+        return running == 0 and small.metric("xllm_num_requests_waiting") == 0
+
+    wait_until(idle, what="all four choices to leave the engine and give their places back")
+    # 4 slots and 4 queue places: two n=4 requests at once need all 8 (a leaked place: 429)
+    with ThreadPoolExecutor(2) as pool:
+        replies = [
+            pool.submit(
+                client.chat.completions.create,
+                model="m",
+                messages=[{"role": "user", "content": f"after {i}"}],
+                n=4,
+                max_tokens=2,
+            )
+            for i in range(2)
+        ]
+        assert [len(r.result().choices) for r in replies] == [4, 4]
