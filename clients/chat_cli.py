@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -56,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     chat.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed")
     chat.add_argument(
+        "--response-format",
+        default=None,
+        metavar="json_object|FILE",
+        help="answer in JSON: any object, or valid under the JSON schema in FILE",
+    )
+    chat.add_argument(
         "--timeout",
         type=float,
         default=600.0,
@@ -77,6 +84,25 @@ def _read_media(paths: list[Path]) -> list[tuple[str, bytes]]:
     return media
 
 
+def _response_format(spec: str | None) -> dict[str, Any] | None:
+    """--response-format as /chat's response_format (a JSON schema file read here)."""
+    import json
+
+    from xllm.main import UserError
+
+    if spec is None:
+        return None
+    if spec == "json_object":
+        return {"type": "json_object"}
+    try:
+        schema = json.loads(Path(spec).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"--response-format: cannot read a JSON schema from '{spec}': {exc}"
+        ) from None
+    return {"type": "json_schema", "json_schema": {"name": Path(spec).stem, "schema": schema}}
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -86,6 +112,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from xllm.main import UserError
 
     images, audios, videos = (_read_media(p) for p in (args.images, args.audios, args.videos))
+    response_format = _response_format(args.response_format)
     prompt, messages = args.question, None
     if args.system is not None:
         prompt, messages = (
@@ -110,6 +137,7 @@ def run_chat(args: argparse.Namespace) -> int:
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
                 seed=args.seed,
+                response_format=response_format,  # type: ignore[typeddict-item]
             )
             for part in stream:
                 if part.delta:

@@ -143,3 +143,31 @@ def test_parser_and_light_imports() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
     )
     assert result.stdout.strip() == "[]", result
+
+
+def test_chat_answers_in_json_under_a_schema(server_url: str, tmp_path, xllm_main) -> None:
+    schema = tmp_path / "shape.json"
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"shape": {"enum": ["circle", "star"]}},
+                "required": ["shape"],
+                "additionalProperties": False,
+            }
+        )
+    )
+    code, out, err = xllm_main(
+        "chat",
+        "--url",
+        server_url,
+        "--response-format",
+        str(schema),
+        "--max-tokens",
+        "32",
+        "Shape?",
+    )
+    assert code == 0, err
+    assert json.loads(out)["shape"] in ("circle", "star")
+    code, _, err = xllm_main("chat", "--url", server_url, "--response-format", "nope.json", "hi")
+    assert_one_line_error(code, err, "--response-format", "nope.json")
