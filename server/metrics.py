@@ -7,6 +7,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from xllm.server.engine.contract import EngineObserver
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# A request's stages, TTFT included: finer (a superset of LATENCY_BUCKETS), for the quantiles
+# `xllm bench` estimates from them
+STAGE_BUCKETS = tuple(
+    sorted({*LATENCY_BUCKETS, 0.0005, 0.001, 0.0025, 0.0075, 0.015, 0.035, 0.075, 0.15, 0.35})
+)
 
 
 class Metrics(EngineObserver):
@@ -23,7 +28,7 @@ class Metrics(EngineObserver):
         self.ttft = Histogram(
             "xllm_time_to_first_token_seconds",
             "Arrival to first token",
-            buckets=LATENCY_BUCKETS,
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
@@ -40,8 +45,28 @@ class Metrics(EngineObserver):
         )
         self.queue = Histogram(
             "xllm_request_queue_time_seconds",
-            "Arrival to admission into a slot",
-            buckets=LATENCY_BUCKETS,
+            "Handed to the engine (media prepared) to admission into a slot",
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.encode_time = Histogram(
+            "xllm_request_encode_time_seconds",
+            "Admission to the prompt laid out: media encoded (encoder + X2L interface, batched "
+            "with the requests admitted alongside) or found cached, the prompt embedded",
+            ["modality"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.prefill_time = Histogram(
+            "xllm_request_prefill_time_seconds",
+            "Prompt laid out to its first token (prefill chunks, and the steps between them)",
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.decode_time = Histogram(
+            "xllm_request_decode_time_seconds",
+            "First token to last token",
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.encoder = Histogram(
@@ -52,18 +77,25 @@ class Metrics(EngineObserver):
             registry=r,
         )
         # Per-request media stages in the API process, before the engine sees the request.
+        self.media_fetch = Histogram(
+            "xllm_media_fetch_seconds",
+            "Downloading one remote media URL (redirects included)",
+            ["modality"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.media_decode = Histogram(
             "xllm_media_decode_seconds",
             "Container/codec decoding of one media item",
             ["modality"],
-            buckets=LATENCY_BUCKETS,
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.media_preprocess = Histogram(
             "xllm_media_preprocess_seconds",
             "Resizing/normalising pixels or computing log-mel features of one media item",
             ["modality"],
-            buckets=LATENCY_BUCKETS,
+            buckets=STAGE_BUCKETS,
             registry=r,
         )
         self.generated = Counter("xllm_generated_tokens_total", "Tokens generated", registry=r)
@@ -103,6 +135,15 @@ class Metrics(EngineObserver):
 
     def encoder_time(self, modality: str, seconds: float) -> None:
         self.encoder.labels(modality=modality).observe(seconds)
+
+    def request_encode(self, modality: str, seconds: float) -> None:
+        self.encode_time.labels(modality=modality).observe(seconds)
+
+    def request_prefill(self, seconds: float) -> None:
+        self.prefill_time.observe(seconds)
+
+    def request_decode(self, seconds: float) -> None:
+        self.decode_time.observe(seconds)
 
     def prefill(self, positions: int) -> None:
         self.prefilled.inc(positions)

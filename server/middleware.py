@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from xllm.server.errors import error_body
 from xllm.server.metrics import Metrics
+from xllm.server.stages import open_stages
 
 access_log = logging.getLogger("xllm.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -105,7 +106,8 @@ class ApiKeyMiddleware:
 
 
 class RequestContextMiddleware:
-    """Accept/echo X-Request-ID, write one JSON access-log line, count requests by route."""
+    """Accept/echo X-Request-ID, write one JSON access-log line (with the request's stage
+    seconds, `stages_ms`, when it has any), count requests by route."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -120,6 +122,7 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.monotonic()
         status = 500
+        stages = open_stages()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -137,16 +140,16 @@ class RequestContextMiddleware:
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.monotonic() - start) * 1000, 1),
-                },
-            )
+            extra = {
+                "request_id": request_id,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round((time.monotonic() - start) * 1000, 1),
+            }
+            if stages.seconds:  # where its time went (server/stages.py)
+                extra["stages_ms"] = stages.milliseconds()
+            access_log.info("request", extra=extra)
 
 
 async def _send_json(

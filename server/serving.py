@@ -46,6 +46,7 @@ from xllm.server.files import FileLimits, FileStore, StoredFile
 from xllm.server.metrics import Metrics
 from xllm.server.protocol import ChatCompletionRequest, CompletionRequest
 from xllm.server.remote_media import RemoteMediaFetcher
+from xllm.server.stages import add_engine_stages, add_media_stages, add_stage
 from xllm.server.structured import ToolPlan, call_text, response_format_grammar, tool_plan
 
 log = logging.getLogger("xllm.serving")
@@ -109,11 +110,15 @@ class Generation:
         that fell behind catches up with one write instead of one per token."""
         if self._first is not None:
             first, self._first = self._first, None
+            if isinstance(first, FinishEvent):
+                add_engine_stages(first.stages)
             yield [first]
         while not self.done:
             batch = [await _next_event(self.handle, self._deadline, self._timeout)]
             batch += self.handle.ready_events()
             self.done = isinstance(batch[-1], FinishEvent | ErrorEvent)  # always the last
+            if isinstance(batch[-1], FinishEvent):
+                add_engine_stages(batch[-1].stages)
             yield batch
 
     async def events(self) -> AsyncIterator[Event]:
@@ -365,6 +370,7 @@ class ChatService:
                 and params.logprobs is not None
             ):
                 request.prompt_logprobs = params.logprobs
+            request.submitted = time.monotonic()
             self.engine.submit(request, handle)
             handles.insert(0, handle)
         generations = []
@@ -451,9 +457,11 @@ class ChatService:
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self.executor, self._decode_one, item) for item in media]
         try:
-            return list(await asyncio.gather(*jobs))
+            prepared = list(await asyncio.gather(*jobs))
         except MediaError as exc:
             raise ServingError(exc.message, exc.status) from None
+        add_media_stages([p for p, item in zip(prepared, media, strict=True) if not item.prepared])
+        return prepared
 
     def _decode_one(self, item: MediaInput) -> PreparedMedia:
         if item.prepared is not None:
@@ -568,7 +576,12 @@ class ChatService:
                 )
             return _b64(payload, f"{kind} data URI")
         if url.startswith(("http://", "https://")):
-            return await self.fetcher.fetch(url)
+            start = time.monotonic()
+            data = await self.fetcher.fetch(url)
+            elapsed = time.monotonic() - start
+            self.metrics.media_fetch.labels(modality=kind).observe(elapsed)
+            add_stage(f"{kind}_fetch", elapsed)
+            return data
         scheme = url.split(":", 1)[0] if ":" in url else url[:16]
         raise ServingError(f"unsupported {kind} URL scheme '{scheme}': use a data URI", 400)
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from xllm.clients.bench.load import run_load
 from xllm.clients.bench.report import format_report, summarize
+from xllm.clients.bench.stages import stage_summary
 from xllm.clients.bench.workload import DEFAULT_MIX, build_requests, kind_counts, parse_mix
 from xllm.model.config import QUANTIZE_CHOICES
 
@@ -34,6 +35,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate in this process.",
     )
     bench.add_argument("--url", default=DEFAULT_URL, help=f"server address (default {DEFAULT_URL})")
+    bench.add_argument(
+        "--api",
+        choices=("xllm", "openai"),
+        default="xllm",
+        help="xllm (default): POST /chat, or /v1/chat/completions with OpenAI options; openai: "
+        "any OpenAI-API server (llama.cpp, vLLM, xllm): streamed /v1/chat/completions naming "
+        "--served-model-name, tokens counted from the chunks when it sends no usage",
+    )
+    bench.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="--api openai: the request's model (default: the first of GET /v1/models)",
+    )
     load = bench.add_argument_group("load")
     load.add_argument(
         "--concurrency",
@@ -151,6 +166,22 @@ def _openai_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return options or None
 
 
+def _first_model(url: str, api_key: str | None) -> str:
+    """The first model an OpenAI-API server lists (GET /v1/models)."""
+    import httpx
+
+    from xllm.main import UserError
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        listed = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
+        return str(listed[0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        raise UserError(
+            f"--api openai: {url}/v1/models lists no model; name one with --served-model-name"
+        ) from None
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -180,9 +211,13 @@ def run_bench(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     api_key = args.api_key or os.environ.get("XLLM_API_KEY") or None
     openai = _openai_options(args)
+    if args.api == "openai":
+        name = args.served_model_name or _first_model(url, api_key)
+        openai = {**(openai or {}), "model": name}
 
     requests = build_requests(args.requests, mix, args.seed, args.media_dir)
     warmup = build_requests(args.warmup, mix, args.seed + 1, args.media_dir, offset=-args.warmup)
+    metrics: list[str | None] = []  # the server's /metrics before and after the measured run
     try:
         # uvloop when installed (it comes with the server): a load generator should not be
         # what limits the load, nor add its own event-loop lag to the latencies it reports.
@@ -200,6 +235,8 @@ def run_bench(args: argparse.Namespace) -> int:
                     warmup=warmup,
                     progress=not args.no_progress,
                     openai=openai,
+                    api=args.api,
+                    metrics=metrics,
                 )
             )
     except RuntimeError as exc:
@@ -219,12 +256,16 @@ def run_bench(args: argparse.Namespace) -> int:
             "media_dir": str(args.media_dir) if args.media_dir else None,
             "seed": args.seed,
             "openai": openai,
+            "api": args.api,
         },
         "server": summarize(results, duration),
         "baseline": None,
         "baseline_config": None,
         "ratios": None,
     }
+    before, after = metrics if len(metrics) == 2 else (None, None)
+    if before is not None and after is not None:
+        report["server"]["stages"] = stage_summary(before, after)
     if args.baseline:
         chosen = requests[: args.baseline_requests] if args.baseline_requests else requests
         from xllm.model.evaluation.bench_baseline import run_baseline

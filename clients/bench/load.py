@@ -1,6 +1,8 @@
 """The load generator: streaming `POST /chat` requests (or, with OpenAI options such as `n` or
 `response_format`, `POST /v1/chat/completions`) at a fixed concurrency or as Poisson arrivals,
-every SSE event timed on arrival."""
+every SSE event timed on arrival. `api="openai"` loads any OpenAI-API server (llama.cpp's,
+vLLM's) the same way: streamed chat completions that name a model, tokens counted from the
+streamed chunks when the server sends no usage."""
 
 from __future__ import annotations
 
@@ -76,9 +78,11 @@ async def send_one(
     max_tokens: int,
     headers: dict,
     openai: dict[str, Any] | None = None,
+    api: str = "xllm",
 ):
     """One streaming POST /chat (with `openai` options: POST /v1/chat/completions); every SSE
-    event timed on arrival (both end with an event that carries the usage)."""
+    event timed on arrival (both end with an event that carries the usage). With api "openai"
+    a server need not send usage: the chunks with text are counted, one token each."""
     import json
     import time
 
@@ -92,6 +96,7 @@ async def send_one(
         endpoint = f"{url}/v1/chat/completions"
     result.start = time.perf_counter()
     last: float | None = None
+    chunks = 0  # chunks with text (api "openai": the tokens when no usage comes)
     try:
         async with session.post(endpoint, headers=headers, **body) as response:
             if response.status != 200:
@@ -111,16 +116,25 @@ async def send_one(
                     message = error.get("message", error) if isinstance(error, dict) else error
                     result.error = f"stream error: {message}"
                     return result
-                if last is None:
-                    result.ttft = now - result.start
-                else:
-                    result.itl.append(now - last)
-                last = now
+                text = any(
+                    (c.get("delta") or {}).get("content") for c in event.get("choices") or []
+                )
+                chunks += text
+                # api "openai": only chunks with text are timed (not the role's nor the
+                # usage's), as `vllm bench serve` times them
+                if api != "openai" or text:
+                    if last is None:
+                        result.ttft = now - result.start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
                 usage = event.get("usage")
                 if usage is not None:
                     result.e2e = now - result.start
                     result.prompt_tokens = int(usage.get("prompt_tokens", 0))
                     result.completion_tokens = int(usage.get("completion_tokens", 0))
+        if api == "openai" and result.e2e is None and last is not None:
+            result.e2e, result.completion_tokens = last - result.start, chunks
         if result.e2e is None:
             result.error = "the stream ended without a final event (usage)"
         else:
@@ -145,8 +159,12 @@ async def run_load(
     warmup: list[BenchRequest] | None = None,
     progress: bool = True,
     openai: dict[str, Any] | None = None,
+    api: str = "xllm",
+    metrics: list[str | None] | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Send the requests; returns their results (in request order) and the run's duration.
+    With `metrics` (a list) the server's /metrics text (None if it has none) is appended to it
+    just before the measured requests and just after them.
 
     aiohttp, not httpx (as `vllm bench serve`): the load generator shares the machine with the
     server, so its per-chunk cost adds to the TTFT it reports (figures: docs/PERFORMANCE.md)."""
@@ -163,9 +181,11 @@ async def run_load(
     results: list[RequestResult | None] = [None] * len(requests)
     async with aiohttp.ClientSession(connector=connector, timeout=timeouts) as session:
         for request in warmup or []:
-            done = await send_one(session, url, request, max_tokens, headers, openai)
+            done = await send_one(session, url, request, max_tokens, headers, openai, api)
             if not done.ok:
                 raise RuntimeError(f"warm-up request failed: {done.error}")
+        if metrics is not None:
+            metrics.append(await _metrics_text(session, url))
         bar = tqdm(total=len(requests), desc="bench", unit="req", disable=not progress)
         gate = asyncio.Semaphore(concurrency) if concurrency else None
 
@@ -173,11 +193,11 @@ async def run_load(
             if gate is not None:
                 async with gate:
                     results[position] = await send_one(
-                        session, url, requests[position], max_tokens, headers, openai
+                        session, url, requests[position], max_tokens, headers, openai, api
                     )
             else:
                 results[position] = await send_one(
-                    session, url, requests[position], max_tokens, headers, openai
+                    session, url, requests[position], max_tokens, headers, openai, api
                 )
             bar.update(1)
 
@@ -197,4 +217,17 @@ async def run_load(
             await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
+        if metrics is not None:
+            metrics.append(await _metrics_text(session, url))
     return [r for r in results if r is not None], duration
+
+
+async def _metrics_text(session, url: str) -> str | None:
+    """GET /metrics (Prometheus text), or None when the server has none."""
+    import aiohttp
+
+    try:
+        async with session.get(f"{url}/metrics") as response:
+            return await response.text() if response.status == 200 else None
+    except aiohttp.ClientError:
+        return None

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from xllm.clients.bench.stages import format_stages
 from xllm.clients.bench.workload import KINDS
 
 PERCENTILES = (50, 95, 99)
@@ -136,6 +137,8 @@ def format_report(report: dict[str, Any]) -> str:
                     for k in ("mean", "p50", "p95", "p99")
                 )
                 lines.append(f"{name:<6}{cells}")
+        if s.get("stages"):
+            lines.extend(format_stages(s["stages"]))
     ratios = report.get("ratios")
     if ratios:
         lines.append("== server / baseline ==")

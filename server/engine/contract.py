@@ -34,6 +34,16 @@ class EngineObserver:
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
     def encoder_time(self, modality: str, seconds: float) -> None: ...
+    def request_encode(self, modality: str, seconds: float) -> None:
+        """One request's admission to its prompt laid out: its media encoded (or found in the
+        encoder cache) and the prompt embedded; `modality` "text" for a request without media."""
+
+    def request_prefill(self, seconds: float) -> None:
+        """One request's prompt laid out to its first token."""
+
+    def request_decode(self, seconds: float) -> None:
+        """One request's first token to its last."""
+
     def prefill(self, positions: int) -> None:
         """A prefill forward computed the K/V of `positions` prompt positions."""
 

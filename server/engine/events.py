@@ -39,6 +39,9 @@ class EngineRequest:
     tools_in_prompt: bool = False
     # digests of media whose encoder outputs stay until released (media handles' encodings)
     pinned: tuple[str, ...] = ()
+    # when it was handed to the engine, its media prepared (None: at arrival); its queue wait
+    # is measured from here
+    submitted: float | None = None
 
 
 @dataclass
@@ -90,6 +93,8 @@ class FinishEvent:
     usage: Usage
     logprobs: TokenLogprobs | None = None  # the last token's, when the request asked
     token: int | None = None  # the last token (an EOS too)
+    # seconds of the request's stages in the engine: queue, encode, prefill, first_token, decode
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

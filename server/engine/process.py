@@ -314,6 +314,15 @@ class _ForwardingObserver(EngineObserver):
     def encoder_time(self, modality: str, seconds: float) -> None:
         self._forward("encoder_time", modality, seconds)
 
+    def request_encode(self, modality: str, seconds: float) -> None:
+        self._forward("request_encode", modality, seconds)
+
+    def request_prefill(self, seconds: float) -> None:
+        self._forward("request_prefill", seconds)
+
+    def request_decode(self, seconds: float) -> None:
+        self._forward("request_decode", seconds)
+
     def prefill(self, positions: int) -> None:
         self._forward("prefill", positions)
 

@@ -280,7 +280,11 @@ class ModelRunner:
                 if state.finish_reason is None and sequence.matcher.is_stopped():
                     text += state.end("stop")  # the grammar is complete: nothing may follow
             if len(state.tokens) == 1:
+                sequence.stages["first_token"] = now - sequence.request.arrival
                 self.observer.first_token(now - sequence.request.arrival)
+                if sequence.laid_out_at:  # not a follower (n choices): it prefilled
+                    sequence.stages["prefill"] = now - sequence.laid_out_at
+                    self.observer.request_prefill(now - sequence.laid_out_at)
             else:
                 self.observer.inter_token(now - sequence.last_token_at)
             sequence.last_token_at = now
@@ -298,7 +302,11 @@ class ModelRunner:
             )
             self.observer.tokens(0, len(state.tokens))
             self.observer.request_done(now - sequence.request.arrival)
-            event = FinishEvent(state.finish_reason, text, usage, logprobs, token)
+            decoding = now - sequence.request.arrival - sequence.stages["first_token"]
+            sequence.stages["decode"] = decoding
+            self.observer.request_decode(decoding)
+            stages = dict(sequence.stages)
+            event = FinishEvent(state.finish_reason, text, usage, logprobs, token, stages)
             outcome.events.append((sequence, event))
         return outcome
 

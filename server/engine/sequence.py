@@ -53,6 +53,9 @@ class Sequence:
     next_token: int | None = None  # sampled, not yet written into the cache
     matcher: llguidance.LLMatcher | None = None  # request.grammar's state, when it has one
     last_token_at: float = 0.0
+    # seconds per stage (see FinishEvent.stages), and when its prompt was laid out (encoded)
+    stages: dict[str, float] = field(default_factory=dict)
+    laid_out_at: float = 0.0
     # usage details of its prompt: positions per media kind (set once it is laid out), and the
     # positions whose K/V were reused rather than prefilled
     media_tokens: dict[str, int] = field(default_factory=dict)

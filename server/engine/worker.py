@@ -254,13 +254,17 @@ class EngineLoop:
             return
         now = time.monotonic()
         for sequence in admitted:
-            self.observer.queue_time(now - sequence.request.arrival)
+            request = sequence.request
+            queued = now - (request.arrival if request.submitted is None else request.submitted)
+            sequence.stages["queue"] = queued
+            self.observer.queue_time(queued)
         try:
             encoded = self.runner.encode([s.request for s in admitted])
         except Exception as exc:
             log.exception("media encoding failed")
             self._fail(Failure(admitted, f"media encoding failed: {exc}"))
             return
+        laid_out = []
         for sequence, media in zip(admitted, encoded, strict=True):
             try:
                 refused = self.runner.lay_out(sequence, media)
@@ -272,6 +276,13 @@ class EngineLoop:
                 self._finish(sequence, refused)
                 continue
             self._place(sequence)
+            laid_out.append(sequence)
+        done = time.monotonic()
+        for sequence in laid_out:  # every one waited for the admission's whole encoding
+            sequence.stages["encode"] = done - now
+            sequence.laid_out_at = done
+            for kind in sorted({item.kind for item in sequence.request.media}) or ["text"]:
+                self.observer.request_encode(kind, done - now)
 
     def _place(self, sequence: Sequence) -> None:
         """Prefix reuse: the prompt's positions a slot still holds are not prefilled again."""

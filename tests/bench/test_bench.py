@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import av
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -325,3 +327,91 @@ def test_bench_sends_n_and_structured_output_requests(
     assert report["config"]["openai"]["response_format"]["type"] == "json_schema"
     bad = run_bench("--url", bench_server, "--response-format", str(tmp_path / "missing.json"))
     assert bad.returncode == 2 and "--response-format" in bad.stderr
+
+
+def test_bench_reports_the_server_stages_of_the_run(
+    bench_server: str, tmp_path: Path, run_bench
+) -> None:
+    """The stage histograms moved by the measured requests only (not the warm-up), per stage
+    and modality, with p50 <= p95."""
+    out = tmp_path / "report.json"
+    done = run_bench(
+        "--url",
+        bench_server,
+        "--concurrency",
+        "2",
+        "--requests",
+        "3",
+        "--max-tokens",
+        "3",
+        "--mix",
+        "image=1",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["server"]["stages"]
+    counts = {(row["stage"], row["modality"]): row["count"] for row in rows}
+    assert counts == {
+        ("media decode", "image"): 3,
+        ("preprocess", "image"): 3,
+        ("queue", None): 3,
+        ("encode", "image"): 3,
+        ("prefill", None): 3,
+        ("first token", None): 3,
+        ("decode", None): 3,
+    }
+    assert all(0 <= row["p50_ms"] <= row["p95_ms"] for row in rows)
+    assert "== server stages" in done.stdout
+    for stage in ("media decode", "preprocess", "queue", "encode", "prefill", "first token"):
+        assert f"\n{stage} " in done.stdout, stage
+
+
+def test_bench_loads_an_openai_api_server(bench_server: str, tmp_path: Path, run_bench) -> None:
+    """--api openai: streamed /v1/chat/completions naming the model the server lists."""
+    out = tmp_path / "report.json"
+    done = run_bench(
+        "--url",
+        bench_server,
+        "--api",
+        "openai",
+        "--concurrency",
+        "2",
+        "--requests",
+        "3",
+        "--max-tokens",
+        "4",
+        "--mix",
+        "text=1",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    check_run(report["server"], 3, 4)
+    listed = httpx.get(f"{bench_server}/v1/models").json()["data"][0]["id"]
+    assert report["config"]["api"] == "openai"
+    assert report["config"]["openai"]["model"] == listed
+
+
+def test_stage_quantiles_interpolate_within_buckets() -> None:
+    from xllm.clients.bench.stages import quantile, stage_summary
+
+    assert quantile(0.5, {0.1: 0, 0.2: 10, math.inf: 10}) == pytest.approx(0.15)
+    assert quantile(0.5, {0.1: 4, 0.2: 4, math.inf: 10}) == 0.2  # in +Inf: the last bound
+    assert quantile(0.5, {0.1: 0, math.inf: 0}) is None
+    before = (
+        "# TYPE xllm_request_prefill_time_seconds histogram\n"
+        'xllm_request_prefill_time_seconds_bucket{le="0.1"} 5.0\n'
+        'xllm_request_prefill_time_seconds_bucket{le="0.2"} 5.0\n'
+        'xllm_request_prefill_time_seconds_bucket{le="+Inf"} 5.0\n'
+    )
+    after = before.replace('0.2"} 5.0', '0.2"} 9.0').replace('Inf"} 5.0', 'Inf"} 9.0')
+    (row,) = stage_summary(before, after)  # only what the run added: 4 requests in (0.1, 0.2]
+    assert row == {
+        "stage": "prefill",
+        "modality": None,
+        "count": 4,
+        "p50_ms": pytest.approx(150.0),
+        "p95_ms": pytest.approx(195.0),
+    }
