@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""The CPU targets, side by side in one run: 1 client against 16 concurrent clients.
+"""The CPU targets, side by side in one run: 1 client against 16 concurrent clients, for every
+request mix (text, image, audio, video; each media request with media of its own).
 
     python bench/cpu_targets.py                      # tiny random model made on the spot
     python bench/cpu_targets.py --model DIR --rounds 3 --server-env OMP_NUM_THREADS=1
+    python bench/cpu_targets.py --mix text=1 --mix image=1,text=1   # only these mixes
 
-Starts `xllm serve` (or uses --url), then runs `xllm bench` at concurrency 1 and 16, alternating,
-`--rounds` times (so both see the same machine load), and reports per concurrency the median
-over rounds of output tokens/s and TTFT p50, their ratios and the targets:
+Starts `xllm serve` (or uses --url), then per mix runs `xllm bench` at concurrency 1 and 16,
+alternating, `--rounds` times (so both see the same machine load), and reports per mix and
+concurrency the median over rounds of output tokens/s and TTFT p50, their ratios and the
+targets, and the server's stage times (p50 per stage, from its /metrics) of the last round:
 
     aggregate tokens/s at 16 clients >= 8x that at 1 client
     TTFT p50 at 16 clients <= 3x that at 1 client
@@ -32,6 +35,7 @@ import httpx
 
 TARGET_THROUGHPUT = 8.0
 TARGET_TTFT = 3.0
+MIXES = ("text=1", "image=1", "audio=1", "video=1")
 
 
 def free_port() -> int:
@@ -168,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-1", type=int, default=48, help="requests at 1 client")
     parser.add_argument("--requests-16", type=int, default=320, help="requests at 16 clients")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--mix", default="text=1")
+    parser.add_argument(
+        "--mix",
+        action="append",
+        default=None,
+        help=f"an `xllm bench --mix`, one run each (repeatable; default: {' '.join(MIXES)})",
+    )
     parser.add_argument(
         "--server-env", action="append", default=[], metavar="K=V", help="server environment"
     )
@@ -220,101 +229,138 @@ def main(argv: list[str] | None = None) -> int:
     else:
         url = args.url.rstrip("/")
     load_start = os.getloadavg()
-    runs: dict[int, list[dict]] = {1: [], 16: []}
-    commands = {}
+    mixes: dict[str, dict] = {}
     try:
-        for round_ in range(args.rounds):
-            for clients in (1, 16):
-                report = args.out / f"cpu_targets_c{clients}_r{round_}.json"
-                requests = args.requests_1 if clients == 1 else args.requests_16
-                command = xllm(
-                    "bench",
-                    "--url",
-                    url,
-                    "--concurrency",
-                    str(clients),
-                    "--requests",
-                    str(requests),
-                    "--max-tokens",
-                    str(args.max_tokens),
-                    "--mix",
-                    args.mix,
-                    "--seed",
-                    str(round_),
-                    "--no-progress",
-                    "--json",
-                    str(report),
-                )
-                commands[clients] = " ".join(shlex.quote(c) for c in command[1:])
-                cpu_before = process_cpu_seconds(process)
-                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-                cpu_after = process_cpu_seconds(process)
-                server = json.loads(report.read_text())["server"]
-                if cpu_before is not None and cpu_after is not None:
-                    # CPU the server got during the run, in cores (2 = both of a 2-CPU machine)
-                    server["server_cpu_cores"] = round(
-                        (cpu_after - cpu_before) / server["duration_s"], 2
-                    )
-                if server["errors"]:
-                    raise SystemExit(f"{server['errors']} errors: {server['error_messages']}")
-                runs[clients].append(server)
-                print(
-                    f"round {round_} clients {clients:2d}: {server['output_throughput']:8.1f} "
-                    f"tok/s, TTFT p50 {server['ttft_ms']['p50']:7.1f} ms, "
-                    f"TPOT p50 {server['tpot_ms']['p50']:6.2f} ms, server CPU "
-                    f"{server.get('server_cpu_cores', '-')} cores",
-                    flush=True,
-                )
+        for mix in args.mix or MIXES:
+            mixes[mix] = run_mix(mix, url, process, args)
     finally:
         if process is not None:
             process.terminate()
             process.wait(30)
+    summary = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "server_command": " ".join(server_command[1:]) if server_command else url,
+        "server_env": env,
+        "rounds": args.rounds,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "cpu_pressure": cpu_pressure(),
+        "mixes": mixes,
+    }
+    (args.out / "cpu_targets.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"{'mix':<10}{'1c tok/s':>10}{'1c TTFT':>9}{'16c tok/s':>11}{'16c TTFT':>10}"
+        f"{'tok/s x':>9}{'TTFT x':>8}  targets (x{TARGET_THROUGHPUT:g}, x{TARGET_TTFT:g})"
+    ]
+    for mix, result in mixes.items():
+        one, many = result["clients"][1], result["clients"][16]
+        lines.append(
+            f"{mix:<10}{one['output_tokens_per_s']:>10.1f}{one['ttft_p50_ms']:>9.1f}"
+            f"{many['output_tokens_per_s']:>11.1f}{many['ttft_p50_ms']:>10.1f}"
+            f"{result['throughput_ratio']:>9.2f}{result['ttft_ratio']:>8.2f}  "
+            f"{'met' if result['throughput_target_met'] else 'MISSED'} / "
+            f"{'met' if result['ttft_target_met'] else 'MISSED'}"
+        )
+    lines.append("server stage p50 ms at 1 / 16 clients (last round):")
+    for mix, result in mixes.items():
+        lines.append(f"  {mix}: {stage_line(result['stages'])}")
+    lines.append(
+        f"load average {summary['loadavg_start']} -> {summary['loadavg_end']} "
+        f"on {os.cpu_count()} CPUs; CPU pressure: {summary['cpu_pressure']}"
+    )
+    print("\n".join(lines))
+    return 0
+
+
+def run_mix(mix: str, url: str, process, args: argparse.Namespace) -> dict:
+    """`--rounds` rounds of 1 and 16 clients on one mix: the medians, ratios and targets."""
+    runs: dict[int, list[dict]] = {1: [], 16: []}
+    commands = {}
+    slug = mix.replace("=", "").replace(",", "_")
+    for round_ in range(args.rounds):
+        for clients in (1, 16):
+            report = args.out / f"cpu_targets_{slug}_c{clients}_r{round_}.json"
+            requests = args.requests_1 if clients == 1 else args.requests_16
+            command = xllm(
+                "bench",
+                "--url",
+                url,
+                "--concurrency",
+                str(clients),
+                "--requests",
+                str(requests),
+                "--max-tokens",
+                str(args.max_tokens),
+                "--mix",
+                mix,
+                "--seed",
+                str(round_),
+                "--no-progress",
+                "--json",
+                str(report),
+            )
+            commands[clients] = " ".join(shlex.quote(c) for c in command[1:])
+            cpu_before = process_cpu_seconds(process)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            cpu_after = process_cpu_seconds(process)
+            server = json.loads(report.read_text())["server"]
+            if cpu_before is not None and cpu_after is not None:
+                # CPU the server got during the run, in cores (2 = both of a 2-CPU machine)
+                server["server_cpu_cores"] = round(
+                    (cpu_after - cpu_before) / server["duration_s"], 2
+                )
+            if server["errors"]:
+                raise SystemExit(f"{mix}: {server['errors']} errors: {server['error_messages']}")
+            runs[clients].append(server)
+            print(
+                f"{mix} round {round_} clients {clients:2d}: "
+                f"{server['output_throughput']:8.1f} tok/s, TTFT p50 "
+                f"{server['ttft_ms']['p50']:7.1f} ms, TPOT p50 {server['tpot_ms']['p50']:6.2f} ms, "
+                f"server CPU {server.get('server_cpu_cores', '-')} cores",
+                flush=True,
+            )
 
     def median(clients: int, pick) -> float:
         return statistics.median(pick(r) for r in runs[clients])
 
-    summary: dict = {"clients": {}}
+    result: dict = {"clients": {}}
     for clients in (1, 16):
-        summary["clients"][clients] = {
+        result["clients"][clients] = {
             "output_tokens_per_s": median(clients, lambda r: r["output_throughput"]),
             "ttft_p50_ms": median(clients, lambda r: r["ttft_ms"]["p50"]),
             "tpot_p50_ms": median(clients, lambda r: r["tpot_ms"]["p50"]),
             "itl_p50_ms": median(clients, lambda r: r["itl_ms"]["p50"]),
             "server_cpu_cores": median(clients, lambda r: r.get("server_cpu_cores") or 0),
         }
-    one, many = summary["clients"][1], summary["clients"][16]
+    one, many = result["clients"][1], result["clients"][16]
     throughput_ratio = many["output_tokens_per_s"] / one["output_tokens_per_s"]
     ttft_ratio = many["ttft_p50_ms"] / one["ttft_p50_ms"]
-    summary.update(
+    result.update(
         {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "server_command": " ".join(server_command[1:]) if server_command else url,
-            "server_env": env,
             "bench_commands": commands,
-            "rounds": args.rounds,
-            "cpu_count": os.cpu_count(),
-            "loadavg_start": [round(x, 2) for x in load_start],
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "cpu_pressure": cpu_pressure(),
             "throughput_ratio": round(throughput_ratio, 2),
             "ttft_ratio": round(ttft_ratio, 2),
             "throughput_target_met": throughput_ratio >= TARGET_THROUGHPUT,
             "ttft_target_met": ttft_ratio <= TARGET_TTFT,
+            # the server's stage times of the last round (xllm bench's `stages`)
+            "stages": {c: runs[c][-1].get("stages", []) for c in runs},
             "runs": {c: runs[c] for c in runs},
         }
     )
-    (args.out / "cpu_targets.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(
-        f"1 client : {one['output_tokens_per_s']:.1f} tok/s, TTFT p50 {one['ttft_p50_ms']:.1f} ms\n"
-        f"16 clients: {many['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
-        f"{many['ttft_p50_ms']:.1f} ms\n"
-        f"throughput x{throughput_ratio:.2f} (target >= {TARGET_THROUGHPUT:g}: "
-        f"{'met' if summary['throughput_target_met'] else 'MISSED'}), TTFT x{ttft_ratio:.2f} "
-        f"(target <= {TARGET_TTFT:g}: {'met' if summary['ttft_target_met'] else 'MISSED'})\n"
-        f"load average {summary['loadavg_start']} -> {summary['loadavg_end']} "
-        f"on {os.cpu_count()} CPUs; CPU pressure: {summary['cpu_pressure']}"
-    )
-    return 0
+    return result
+
+
+def stage_line(stages: dict[int, list[dict]]) -> str:
+    """'encode(image) 4.1/30.2, prefill 9.0/55.1, ...': p50 at 1 and at 16 clients."""
+    at = {c: {(r["stage"], r["modality"]): r["p50_ms"] for r in rows} for c, rows in stages.items()}
+    cells = []
+    for key in at.get(1, {}):
+        stage, modality = key
+        name = f"{stage}({modality})" if modality else stage
+        many = at.get(16, {}).get(key)
+        cells.append(f"{name} {at[1][key]:.1f}/{'-' if many is None else format(many, '.1f')}")
+    return ", ".join(cells) or "(no /metrics)"
 
 
 if __name__ == "__main__":
