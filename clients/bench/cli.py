@@ -99,6 +99,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     openai.add_argument(
         "--temperature", type=float, default=None, metavar="T", help="(default 0: greedy)"
     )
+    openai.add_argument(
+        "--extra-body",
+        default=None,
+        metavar="JSON",
+        help='a JSON object merged into every request, e.g. \'{"logit_bias": {"2": -100}}\'',
+    )
     load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     bench.add_argument(
         "--api-key", default=None, metavar="K", help="Bearer key (default: $XLLM_API_KEY)"
@@ -163,6 +169,14 @@ def _openai_options(args: argparse.Namespace) -> dict[str, Any] | None:
             "type": "json_schema",
             "json_schema": {"name": "bench", "schema": schema},
         }
+    if args.extra_body is not None:
+        try:
+            extra = json.loads(args.extra_body)
+        except ValueError as exc:
+            raise UserError(f"--extra-body: not JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise UserError("--extra-body must be a JSON object")
+        options.update(extra)
     return options or None
 
 

@@ -383,12 +383,17 @@ def test_bench_loads_an_openai_api_server(bench_server: str, tmp_path: Path, run
         "4",
         "--mix",
         "text=1",
+        "--extra-body",
+        '{"seed": 7}',
         "--json",
         str(out),
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     check_run(report["server"], 3, 4)
+    assert report["config"]["openai"]["seed"] == 7
+    bad = run_bench("--url", bench_server, "--extra-body", "[1]")
+    assert bad.returncode == 2 and "--extra-body" in bad.stderr
     listed = httpx.get(f"{bench_server}/v1/models").json()["data"][0]["id"]
     assert report["config"]["api"] == "openai"
     assert report["config"]["openai"]["model"] == listed
