@@ -48,7 +48,7 @@ def test_text_prompts_give_exactly_the_frozen_llms_tokens(tmp_path: Path) -> Non
     model_dir = tmp_path / "text-only"
     XLLMConfig(llm=ComponentPath(pretrained="llm")).save(model_dir)
     llm_dir = ensure_component("llm")
-    server = ServerProcess(model_dir, tmp_path)
+    server = ServerProcess(model_dir, tmp_path, "--kv-cache-memory-gb", "0.5")
     try:
         server.wait_ready(timeout=600)  # a 135M-parameter LLM on a busy CPU
         check_prompts(server.url, llm_dir)
