@@ -84,6 +84,14 @@ class Metrics(EngineObserver):
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.media_prepare = Histogram(
+            "xllm_request_media_prepare_seconds",
+            "Arrival to a request's media all decoded and preprocessed (waits for a thread of "
+            "the media pool included), per modality it has",
+            ["modality"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         self.media_decode = Histogram(
             "xllm_media_decode_seconds",
             "Container/codec decoding of one media item",
@@ -118,6 +126,11 @@ class Metrics(EngineObserver):
         self.requests = Counter(
             "xllm_requests_total", "Finished HTTP requests", ["endpoint", "status"], registry=r
         )
+
+    def media_prepared(self, kinds: set[str], seconds: float) -> None:
+        """A request with media of these kinds had them all prepared `seconds` after arrival."""
+        for kind in sorted(kinds):
+            self.media_prepare.labels(modality=kind).observe(seconds)
 
     def media_stages(self, modality: str, decode: float, preprocess: float) -> None:
         self.media_decode.labels(modality=modality).observe(decode)

@@ -343,6 +343,10 @@ class ChatService:
         except BaseException:
             self._release(chat.n)
             raise
+        if chat.media:  # its media's decoding and preprocessing, waits for a thread included
+            waited = time.monotonic() - arrival
+            add_stage("media_prepare", waited)
+            self.metrics.media_prepared({item.kind for item in chat.media}, waited)
         pinned = tuple(p.digest for p, m in zip(prepared, chat.media, strict=True) if m.pinned)
         group = uuid.uuid4().hex if chat.n > 1 else None
         handles = []

@@ -1,5 +1,7 @@
 """Where the server's time went during a run: its stage histograms (`GET /metrics`) read before
-and after the measured requests, the difference summarised per stage as p50/p95.
+and after the measured requests, the difference summarised per stage as p50/p95. "media
+ready" is a request's arrival to its media all prepared: the decode and preprocess of its items
+plus any wait for a thread of the server's media pool.
 
 Read from /metrics rather than from per-request timings in the responses: every xllm server
 exports them whatever the endpoint, streaming or not, without a field or header that OpenAI's
@@ -18,6 +20,7 @@ STAGES = (
     ("fetch", "xllm_media_fetch_seconds", True),
     ("media decode", "xllm_media_decode_seconds", True),
     ("preprocess", "xllm_media_preprocess_seconds", True),
+    ("media ready", "xllm_request_media_prepare_seconds", True),
     ("queue", "xllm_request_queue_time_seconds", False),
     ("encode", "xllm_request_encode_time_seconds", True),
     ("prefill", "xllm_request_prefill_time_seconds", False),

@@ -355,6 +355,7 @@ def test_bench_reports_the_server_stages_of_the_run(
     assert counts == {
         ("media decode", "image"): 3,
         ("preprocess", "image"): 3,
+        ("media ready", "image"): 3,
         ("queue", None): 3,
         ("encode", "image"): 3,
         ("prefill", None): 3,

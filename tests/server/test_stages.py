@@ -36,6 +36,7 @@ def test_an_image_request_moves_each_stage_and_logs_its_seconds(server):
     stages = [
         ("xllm_media_decode_seconds_count", {"modality": "image"}),
         ("xllm_media_preprocess_seconds_count", {"modality": "image"}),
+        ("xllm_request_media_prepare_seconds_count", {"modality": "image"}),
         ("xllm_request_queue_time_seconds_count", {}),
         ("xllm_request_encode_time_seconds_count", {"modality": "image"}),
         ("xllm_request_prefill_time_seconds_count", {}),
@@ -58,8 +59,9 @@ def test_an_image_request_moves_each_stage_and_logs_its_seconds(server):
 
     wait_until(lambda: request_id in server.log_text(), what="the access-log line")
     seconds = access_entry(server.log_text(whole=True), request_id)["stages_ms"]
-    assert set(seconds) == {"image_decode", "image_preprocess", *ENGINE_STAGES}
+    assert set(seconds) == {"image_decode", "image_preprocess", "media_prepare", *ENGINE_STAGES}
     assert all(value >= 0 for value in seconds.values())
+    assert seconds["image_decode"] + seconds["image_preprocess"] <= seconds["media_prepare"]
     # the stages inside the engine happen one after another within the time to first token
     assert seconds["queue"] + seconds["encode"] + seconds["prefill"] <= seconds["first_token"]
 
@@ -99,7 +101,9 @@ def test_a_remote_image_moves_the_fetch_stage(tiny_model, monkeypatch, caplog):
                 what="the access-log line",
             )
     (record,) = [e for e in caplog.records if getattr(e, "request_id", None) == request_id]
-    assert {"image_fetch", "image_decode", "image_preprocess"} <= set(record.stages_ms)
+    assert {"image_fetch", "image_decode", "image_preprocess", "media_prepare"} <= set(
+        record.stages_ms
+    )
     assert len(net.requests) == 1
 
 
