@@ -50,8 +50,10 @@ def _chat_completion(request: BenchRequest, max_tokens: int, options: dict[str, 
             key = "image_url" if item.kind == "image" else "video_url"
             parts.append({"type": key, key: {"url": url}})
     parts.append({"type": "text", "text": request.prompt})
+    # text alone as a plain string: some servers' chat templates take no content parts
+    content = parts if request.media else request.prompt
     return {
-        "messages": [{"role": "user", "content": parts}],
+        "messages": [{"role": "user", "content": content}],
         "stream": True,
         "stream_options": {"include_usage": True},
         "max_tokens": max_tokens,
