@@ -30,20 +30,18 @@ Every phase is seeded; `xllm train` runs use one torch thread each (two chains o
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xllm.model.recipes.phases import Phase, PhaseRecords, last_metrics, run_parallel, xllm
+from xllm.model.recipes.phases import Phase, PhasedRecipe, recipe_main
 
 log = logging.getLogger("xllm.recipe")
 
@@ -125,6 +123,7 @@ def base_config(scale: Scale) -> Any:
         SpeechInterfaceConfig,
         XLLMConfig,
     )
+    from xllm.model.recipes.model_dirs import qformer_kwargs
 
     s = scale
     return XLLMConfig(
@@ -133,18 +132,7 @@ def base_config(scale: Scale) -> Any:
         speech=ComponentPath(pretrained="speech"),
         image_interface=QFormerInterfaceConfig(
             num_query_tokens=s.queries,
-            qformer={
-                "hidden_size": s.qformer_hidden,
-                "num_hidden_layers": s.qformer_layers,
-                "num_attention_heads": 6,
-                "intermediate_size": 4 * s.qformer_hidden,
-                "cross_attention_frequency": 1,
-                "vocab_size": 64,
-                # No dropout: BLIP-2's 0.1 slowed the video Q-Former's learning of motion several
-                # times on small data (DEMO_MODEL.md, "Video").
-                "hidden_dropout_prob": 0.0,
-                "attention_probs_dropout_prob": 0.0,
-            },
+            qformer=qformer_kwargs(s.qformer_hidden, s.qformer_layers, 6, 4 * s.qformer_hidden),
             max_frames=s.max_frames,
             video_fps=s.video_fps,
             vision_layers=s.vision_layers,
@@ -160,17 +148,16 @@ def base_config(scale: Scale) -> Any:
     )
 
 
-class Recipe:
+class Recipe(PhasedRecipe):
     """The recipe's phases on one work directory (`out`), at one scale and seed."""
 
-    def __init__(self, out: Path, scale_name: str, seed: int, jobs: int) -> None:
-        self.out = out.resolve()
-        self.scale_name = scale_name
-        self.scale = SCALES[scale_name]
-        self.seed = seed
-        self.jobs = jobs
-        self.records = PhaseRecords(self.out / "phases")
-        self.record: dict[str, Any] = {"scale": asdict(self.scale), "seed": seed, "phases": {}}
+    name = "default"
+    module = "xllm.model.recipes.default_model"
+    scales = SCALES
+    stage_runs = STAGE_RUNS
+    warmup_divisor = 10
+    # bf16 autocast for the frozen LLM; a checkpoint every 50 steps (a run may outlast a session)
+    train_flags = ("--precision", "bf16", "--save-every", "50")
 
     @property
     def base(self) -> Path:
@@ -179,24 +166,6 @@ class Recipe:
     @property
     def data_dir(self) -> Path:
         return self.out / "data"
-
-    def save_record(self) -> None:
-        self.record["phases"].update(self.records.all())
-        (self.out / "recipe.json").write_text(json.dumps(self.record, indent=2) + "\n")
-
-    def phase_command(self, name: str) -> list[str]:
-        """This recipe's command line for running one phase alone."""
-        return [
-            sys.executable, "-m", "xllm.model.recipes.default_model", "--out", str(self.out),
-            "--scale", self.scale_name, "--seed", str(self.seed), "--jobs", str(self.jobs),
-            "--phase", name,
-        ]  # fmt: skip
-
-    def parallel(self, names: list[str]) -> None:
-        todo = [n for n in names if not self.records.done(n)]
-        if todo:
-            log.info("phases %s: in parallel", ", ".join(todo))
-            run_parallel(todo, self.phase_command, self.out)
 
     # --- parts, data, answers ----------------------------------------------------------------
     def parts(self) -> dict[str, Any]:
@@ -283,21 +252,6 @@ class Recipe:
         state = model.interface_state_dict()
         return {"interface_params": sum(v.numel() for v in state.values())}
 
-    def train(self, stage: str, model: Path) -> dict[str, Any]:
-        steps, batch, lr = self.scale.stages[stage]
-        number, modality = STAGE_RUNS[stage]
-        out = self.out / "runs" / stage
-        args = [
-            "train", "--stage", number, "--modality", modality,
-            "--model", str(model), "--data", str(self.data_dir), "--out", str(out),
-            "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
-            "--warmup", str(max(1, steps // 10)), "--seed", str(self.seed),
-            "--num-workers", "1", "--device", "cpu", "--precision", "bf16",
-            "--log-every", "10", "--save-every", "50", "--resume",
-        ]  # fmt: skip
-        xllm(args, log_file=self.out / "runs" / f"{stage}.log", steps=steps, desc=stage)
-        return {"steps": steps, "batch_size": batch, "lr": lr, **last_metrics(out)}
-
     def merge(self) -> dict[str, Any]:
         from xllm.model.recipes.model_dirs import merge_chains
 
@@ -315,12 +269,6 @@ class Recipe:
         self.save_record()
         shutil.copy(self.out / "recipe.json", target / "recipe.json")
         return {"bytes": sum(p.stat().st_size for p in target.iterdir())}
-
-    def lane(self, names: list[str]) -> dict[str, Any]:
-        phases = self.phases()
-        for name in names:
-            self.records.run(name, phases[name])
-        return {}
 
     def phases(self) -> dict[str, Phase]:
         runs = self.out / "runs"
@@ -378,41 +326,13 @@ def install(model_dir: Path, target: Path = DEFAULT_DIR) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m xllm.model.recipes.default_model",
-        description="Train the default model's interfaces on real pretrained parts (stages 1-3).",
+    return recipe_main(
+        argv,
+        Recipe,
+        "Train the default model's interfaces on real pretrained parts (stages 1-3).",
+        install,
+        "copy DIR/model into the package (model/default/)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="work + output directory")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="full")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=2, help="processes for data generation")
-    parser.add_argument("--stop-after", default=None, help="end after this phase")
-    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # one phase (internal)
-    parser.add_argument(
-        "--install", action="store_true", help="copy DIR/model into the package (model/default/)"
-    )
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler()]
-        + ([] if args.phase else [logging.FileHandler(args.out / "recipe.log")]),
-    )
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    torch.manual_seed(args.seed)
-    recipe = Recipe(args.out, args.scale, args.seed, args.jobs)
-    if args.phase:
-        recipe.records.run(args.phase, recipe.phases()[args.phase])
-        return 0
-    log.info("default-model recipe: out=%s scale=%s seed=%d", args.out, args.scale, args.seed)
-    recipe.run(args.stop_after)
-    if args.install and (args.out / "model" / "xllm.json").is_file():
-        log.info("installed the default model in %s", install(args.out / "model"))
-    return 0
 
 
 if __name__ == "__main__":

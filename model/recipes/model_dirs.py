@@ -15,6 +15,22 @@ if TYPE_CHECKING:
 COMPONENTS = ("llm", "vision", "speech")  # the frozen parts, one folder each
 
 
+def qformer_kwargs(hidden: int, layers: int, heads: int, intermediate: int) -> dict[str, Any]:
+    """`Blip2QFormerConfig` kwargs of the recipes' Q-Formers: cross-attention in every layer, and
+    no dropout (BLIP-2's default is 0.1: on small data it slows the video Q-Former's learning of
+    the direction of motion several times, DEMO_MODEL.md "Video")."""
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate,
+        "cross_attention_frequency": 1,
+        "vocab_size": 64,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+
+
 def assemble_base(base: Path, scale: Scale, seed: int) -> dict[str, Any]:
     """BASE/xllm.json (components by relative path) and freshly initialised interfaces."""
     import torch
@@ -35,19 +51,7 @@ def assemble_base(base: Path, scale: Scale, seed: int) -> dict[str, Any]:
         speech=ComponentPath("speech"),
         image_interface=QFormerInterfaceConfig(
             num_query_tokens=s.queries,
-            qformer={
-                "hidden_size": s.qformer_hidden,
-                "num_hidden_layers": s.qformer_layers,
-                "num_attention_heads": 4,
-                "intermediate_size": 2 * s.qformer_hidden,
-                "cross_attention_frequency": 1,
-                "vocab_size": 64,
-                # No dropout (BLIP-2's default is 0.1): on this small data it slows the video
-                # Q-Former's learning of the direction of motion several times (DEMO_MODEL.md,
-                # "Video").
-                "hidden_dropout_prob": 0.0,
-                "attention_probs_dropout_prob": 0.0,
-            },
+            qformer=qformer_kwargs(s.qformer_hidden, s.qformer_layers, 4, 2 * s.qformer_hidden),
             max_frames=s.max_frames,
             video_fps=s.video_fps,
         ),

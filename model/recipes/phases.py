@@ -101,3 +101,122 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
         if "step" in row and "loss" in row:
             last = row
     return {k: v for k, v in last.items() if k in ("step", "loss")}
+
+
+class PhasedRecipe:
+    """A recipe's phases on one work directory (`out`), at one scale and seed: the record of
+    finished phases, independent phases in parallel processes, lanes of dependent ones, and
+    `xllm train` runs. Subclasses name their module and scales and define `phases()`."""
+
+    name: str  # in log lines
+    module: str  # `python -m MODULE --phase NAME` runs one phase alone
+    scales: dict[str, Any]  # scale name -> a dataclass with `stages`: name -> (steps, batch, lr)
+    stage_runs: dict[str, tuple[str, str]]  # `xllm train` run -> (--stage, --modality)
+    warmup_divisor = 20  # warm-up steps: steps // warmup_divisor (at least 1)
+    train_flags: tuple[str, ...] = ()  # more `xllm train` flags for every run
+
+    def __init__(self, out: Path, scale_name: str, seed: int, jobs: int) -> None:
+        from dataclasses import asdict
+
+        self.out = out.resolve()
+        self.scale_name = scale_name
+        self.scale = self.scales[scale_name]
+        self.seed = seed
+        self.jobs = jobs
+        self.records = PhaseRecords(self.out / "phases")
+        self.record: dict[str, Any] = {"scale": asdict(self.scale), "seed": seed, "phases": {}}
+
+    def phases(self) -> dict[str, Phase]:
+        raise NotImplementedError
+
+    def save_record(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.record["phases"].update(self.records.all())
+        (self.out / "recipe.json").write_text(json.dumps(self.record, indent=2) + "\n")
+
+    def parallel(self, names: list[str]) -> None:
+        """Run independent phases at once, each in its own process (one torch thread each)."""
+        todo = [n for n in names if not self.records.done(n)]
+        if not todo:
+            return
+        log.info("phases %s: in parallel", ", ".join(todo))
+        run_parallel(todo, self.phase_command, self.out)
+
+    def phase_command(self, name: str) -> list[str]:
+        """This recipe's command line for running one phase alone."""
+        return [
+            sys.executable, "-m", self.module, "--out", str(self.out),
+            "--scale", self.scale_name, "--seed", str(self.seed), "--jobs", str(self.jobs),
+            "--phase", name,
+        ]  # fmt: skip
+
+    def lane(self, names: list[str]) -> dict[str, Any]:
+        """Phases that depend on each other, one after another in this process."""
+        phases = self.phases()
+        for name in names:
+            self.records.run(name, phases[name])
+        return {}
+
+    def train(self, stage: str, model: Path) -> dict[str, Any]:
+        """`xllm train` for one of `stage_runs` on DIR/data, into DIR/runs/STAGE (resumed)."""
+        steps, batch, lr = self.scale.stages[stage]
+        number, modality = self.stage_runs[stage]
+        out = self.out / "runs" / stage
+        args = [
+            "train", "--stage", number, "--modality", modality,
+            "--model", str(model), "--data", str(self.out / "data"), "--out", str(out),
+            "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
+            "--warmup", str(max(1, steps // self.warmup_divisor)), "--seed", str(self.seed),
+            "--num-workers", "1", "--device", "cpu", "--log-every", "10", "--resume",
+            *self.train_flags,
+        ]  # fmt: skip
+        xllm(args, log_file=self.out / "runs" / f"{stage}.log", steps=steps, desc=stage)
+        return {"steps": steps, "batch_size": batch, "lr": lr, **last_metrics(out)}
+
+    def run(self, stop_after: str | None = None) -> None:
+        raise NotImplementedError
+
+
+def recipe_main(
+    argv: list[str] | None,
+    recipe: type[PhasedRecipe],
+    description: str,
+    install: Callable[[Path], Path],
+    install_help: str,
+) -> int:
+    """The command line every recipe shares: build DIR (or one phase of it), then install."""
+    import argparse
+    import random
+
+    parser = argparse.ArgumentParser(prog=f"python -m {recipe.module}", description=description)
+    parser.add_argument("--out", required=True, type=Path, help="work + output directory")
+    parser.add_argument("--scale", choices=sorted(recipe.scales), default="full")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="processes for data generation")
+    parser.add_argument("--stop-after", default=None, help="end after this phase")
+    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # one phase (internal)
+    parser.add_argument("--install", action="store_true", help=install_help)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler()]
+        + ([] if args.phase else [logging.FileHandler(args.out / "recipe.log")]),
+    )
+    import torch
+
+    # One intra-op thread: on a small shared CPU, more threads spin against each other.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    built = recipe(args.out, args.scale, args.seed, args.jobs)
+    if args.phase:
+        built.records.run(args.phase, built.phases()[args.phase])
+        return 0
+    log.info("%s recipe: out=%s scale=%s seed=%d", recipe.name, args.out, args.scale, args.seed)
+    built.run(args.stop_after)
+    if args.install and (args.out / "model" / "xllm.json").is_file():
+        log.info("installed the %s model in %s", recipe.name, install(args.out / "model"))
+    return 0

@@ -33,21 +33,18 @@ export) and `xllm train`; `phases.py` runs them and records their figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xllm.model.recipes.components import ComponentPhases
 from xllm.model.recipes.model_dirs import assemble_base, export_model, install, merge_chains
-from xllm.model.recipes.phases import Phase, PhaseRecords, last_metrics, run_parallel, xllm
+from xllm.model.recipes.phases import Phase, PhasedRecipe, recipe_main
 
 log = logging.getLogger("xllm.recipe")
 
@@ -172,43 +169,17 @@ STAGE_RUNS = {
 }
 
 
-class Recipe:
+class Recipe(PhasedRecipe):
     """The recipe's phases on one work directory (`out`), at one scale and seed."""
 
-    def __init__(self, out: Path, scale_name: str, seed: int, jobs: int) -> None:
-        self.out = out.resolve()
-        self.scale_name = scale_name
-        self.scale = SCALES[scale_name]
-        self.seed = seed
-        self.jobs = jobs
-        self.record_path = self.out / "recipe.json"
-        self.records = PhaseRecords(self.out / "phases")
-        self.record: dict[str, Any] = {"scale": asdict(self.scale), "seed": seed, "phases": {}}
+    name = "toy-world"
+    module = "xllm.model.recipes.toy_world"
+    scales = SCALES
+    stage_runs = STAGE_RUNS
 
     @property
     def base(self) -> Path:
         return self.out / "base"
-
-    def save_record(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.record["phases"].update(self.records.all())
-        self.record_path.write_text(json.dumps(self.record, indent=2) + "\n")
-
-    def parallel(self, names: list[str]) -> None:
-        """Run independent phases at once, each in its own process (one torch thread each)."""
-        todo = [n for n in names if not self.records.done(n)]
-        if not todo:
-            return
-        log.info("phases %s: in parallel", ", ".join(todo))
-        run_parallel(todo, self.phase_command, self.out)
-
-    def phase_command(self, name: str) -> list[str]:
-        """This recipe's command line for running one phase alone."""
-        return [
-            sys.executable, "-m", "xllm.model.recipes.toy_world", "--out", str(self.out),
-            "--scale", self.scale_name, "--seed", str(self.seed), "--jobs", str(self.jobs),
-            "--phase", name,
-        ]  # fmt: skip
 
     # --- data ------------------------------------------------------------------------------
     def data(self) -> dict[str, Any]:
@@ -227,22 +198,6 @@ class Recipe:
             "heldout_speech": str(heldout),
         }
 
-    # --- xllm train ------------------------------------------------------------------------
-    def train(self, stage: str, model: Path, extra: list[str] | None = None) -> dict[str, Any]:
-        steps, batch, lr = self.scale.stages[stage]
-        number, modality = STAGE_RUNS[stage]
-        out = self.out / "runs" / stage
-        args = [
-            "train", "--stage", number, "--modality", modality,
-            "--model", str(model), "--data", str(self.out / "data"), "--out", str(out),
-            "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
-            "--warmup", str(max(1, steps // 20)), "--seed", str(self.seed),
-            "--num-workers", "1", "--device", "cpu", "--log-every", "10", "--resume",
-            *(extra or []),
-        ]  # fmt: skip
-        xllm(args, log_file=self.out / "runs" / f"{stage}.log", steps=steps, desc=stage)
-        return {"steps": steps, "batch_size": batch, "lr": lr, **last_metrics(out)}
-
     def export(self) -> dict[str, Any]:
         """DIR/model: base components + the final interfaces, paths relative (self-contained)."""
         target = self.out / "model"
@@ -251,13 +206,6 @@ class Recipe:
         (target / "recipe.json").write_text(json.dumps(self.record, indent=2) + "\n")
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         return {"bytes": size}
-
-    def lane(self, names: list[str]) -> dict[str, Any]:
-        """Phases that depend on each other, one after another in this process."""
-        phases = self.phases()
-        for name in names:
-            self.records.run(name, phases[name])
-        return {}
 
     def vision_rounds(self) -> list[str]:
         return ["vision"] + [
@@ -321,43 +269,13 @@ class Recipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m xllm.model.recipes.toy_world",
-        description="Build the toy-world demo model from nothing (pre-training + xllm train 1-3).",
+    return recipe_main(
+        argv,
+        Recipe,
+        "Build the toy-world demo model from nothing (pre-training + xllm train 1-3).",
+        lambda model: install(model, DEMO_DIR),
+        "copy DIR/model into the package (model/demo/)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="work + output directory")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="full")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=2, help="processes for data generation")
-    parser.add_argument("--stop-after", default=None, help="end after this phase")
-    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # one phase (internal)
-    parser.add_argument(
-        "--install", action="store_true", help="copy DIR/model into the package (model/demo/)"
-    )
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler()]
-        + ([] if args.phase else [logging.FileHandler(args.out / "recipe.log")]),
-    )
-    import torch
-
-    # One intra-op thread: on a small shared CPU, more threads spin against each other.
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    recipe = Recipe(args.out, args.scale, args.seed, args.jobs)
-    if args.phase:
-        recipe.records.run(args.phase, recipe.phases()[args.phase])
-        return 0
-    log.info("toy-world recipe: out=%s scale=%s seed=%d", args.out, args.scale, args.seed)
-    recipe.run(args.stop_after)
-    if args.install and (args.out / "model" / "xllm.json").is_file():
-        log.info("installed the demo model in %s", install(args.out / "model", DEMO_DIR))
-    return 0
 
 
 if __name__ == "__main__":
