@@ -106,12 +106,20 @@ def test_nan_logits_and_runaway_sampling_parameters_fail_only_their_request(busy
                 stream(client, data=long_stream(60, temperature="0.8", seed="1"))
             )
             bad = [
-                {"temperature": "1e-320"},
-                # Fails at token 2, mid-batch; min_tokens keeps a sampled EOS from ending it first.
-                {"temperature": "1", "repetition_penalty": "1e-300", "min_tokens": "4"},
+                {"temperature": "1e-320", "max_tokens": "4"},
+                # Fails mid-batch at the first step where a token already sampled has a positive
+                # logit (divided by 1e-300: infinite). A negative one is multiplied instead and
+                # stays finite, so each step fails with probability ~1/2 on a random model: 16
+                # tokens (min_tokens keeps a sampled EOS from ending it first) make a pass ~2^-100.
+                {
+                    "temperature": "1",
+                    "repetition_penalty": "1e-300",
+                    "min_tokens": "16",
+                    "max_tokens": "16",
+                },
             ]
             for params in bad:
-                r = await client.post("/chat", data={"prompt": "x", "max_tokens": "4", **params})
+                r = await client.post("/chat", data={"prompt": "x", **params})
                 assert_error(r, 400, words=("sampling failed",))
             status, _, events = await beside
             assert status == 200 and json.loads(events[-2])["usage"]["completion_tokens"] == 60
