@@ -272,8 +272,8 @@ def collate(
 ) -> Batch:
     """Pad sequences of embeddings (L_i, H) to a batch with masks and positions.
 
-    Left padding is for generation (every row ends on its last prompt token), right padding for
-    training. With layouts given, labels hold the next-token targets (-100 elsewhere).
+    Left padding ends every row on its last token (generation; training, where answers end the
+    rows). With layouts given, labels hold the next-token targets (-100 elsewhere).
     """
     length = max(e.shape[0] for e in embeds)
     hidden = embeds[0].shape[-1]

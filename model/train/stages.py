@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from xllm.model.config import Modality
-from xllm.model.prompt import ASR_INSTRUCTION, Message, bind_media, collate
+from xllm.model.prompt import ASR_INSTRUCTION, Batch, Message, bind_media, collate
 from xllm.model.train.config import TrainConfig
 from xllm.model.train.data import Example, Sample
 from xllm.model.x2l.cformer import CFormer, quantity_loss
@@ -215,20 +215,38 @@ class LMObjective(Objective):
             layout = model.layout(messages_for(sample.example), items, add_generation_prompt=False)
             layouts.append(layout)
             embeds.append(model.embed(layout, items))  # (L_i, H)
-        batch = collate(embeds, layouts, padding_side="right")  # (B, L, H), labels (B, L)
-        out = model.llm(
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            labels=batch.labels,  # shifted inside HF: position t predicts label t + 1
-        )
-        return StepOutput(out.loss, {"lm": out.loss.item()}, len(samples))
+        # Left padding: rows end together, so their final answers share positions and the LM
+        # head runs over few of them (`answer_loss`).
+        batch = collate(embeds, layouts, padding_side="left")  # (B, L, H), labels (B, L)
+        loss = answer_loss(model.llm, batch)
+        return StepOutput(loss, {"lm": loss.item()}, len(samples))
 
     def _idle_llm(self) -> torch.Tensor:
         """A one-token LLM forward times zero: with FSDP every rank must run each forward."""
         llm = self.model.llm
         embed = llm.get_input_embeddings().weight[:1][None]  # (1, 1, H)
         return llm(inputs_embeds=embed).logits.sum() * 0.0
+
+
+def answer_loss(llm: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens (labels != -100) of a batch: HF's
+    causal-LM loss (position t predicts label t + 1, float32 logits).
+
+    Logits are made only at the positions that predict a label (`logits_to_keep`: the union
+    over rows, K of L), not at all B x L: an answer is a few tokens of a row mostly made of
+    template and media, and the LM head over a 49k-151k vocabulary, forward and backward, would
+    otherwise cost as much as several decoder layers.
+    """
+    assert batch.labels is not None
+    targets = batch.labels[:, 1:]  # (B, L - 1): what position t predicts
+    positions = (targets != -100).any(dim=0).nonzero().squeeze(1)  # (K,)
+    logits = llm(
+        inputs_embeds=batch.inputs_embeds,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=positions,
+    ).logits  # (B, K, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten())
 
 
 class ImageTextHeads(nn.Module):

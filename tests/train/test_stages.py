@@ -115,3 +115,42 @@ def test_video_stage_trains_its_own_qformer_from_the_image_one(
         image_weight = after[name.replace("video_interface.", "image_interface.", 1)]
         moved = (after[name] - image_weight).abs().max().item()
         assert 0 < moved < 0.1, (name, moved)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_answer_loss_equals_hfs_loss_over_every_position(tiny_model, padding_side: str):
+    """The LM loss computed only at the positions that predict an answer token is HF's causal-LM
+    loss over the whole batch (same value, same gradient into the spliced media embeddings)."""
+    from xllm.model.prompt import bind_media, collate
+    from xllm.model.train.stages import answer_loss
+
+    torch.manual_seed(0)
+    model, hidden = tiny_model, tiny_model.llm.config.hidden_size
+    conversations = [
+        [("user", "What is in the picture?"), ("assistant", "A red circle.")],
+        [("user", "Say something much longer than the other row, please."), ("assistant", "No.")],
+        [("user", "Two turns"), ("assistant", "One"), ("user", "and"), ("assistant", "two.")],
+    ]
+    layouts = [
+        model.layout(bind_media(c, []), [], add_generation_prompt=False) for c in conversations
+    ]
+    media = torch.randn(len(layouts), 1, hidden, requires_grad=True)  # stands in for media
+    embeds = [
+        torch.cat([m, model.embed(layout, [])[1:]])
+        for m, layout in zip(media, layouts, strict=True)
+    ]  # (L_i, H) each, first position from `media`
+    batch = collate(embeds, layouts, padding_side=padding_side)
+    assert (batch.labels[:, 1:] != -100).sum() < batch.labels.numel() // 2  # answers are few
+
+    ours = answer_loss(model.llm, batch)
+    (ours_grad,) = torch.autograd.grad(ours, media, retain_graph=True)  # batch is reused
+    theirs = model.llm(
+        inputs_embeds=batch.inputs_embeds,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+    ).loss
+    (theirs_grad,) = torch.autograd.grad(theirs, media)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours_grad, theirs_grad)
+    assert ours_grad.abs().sum() > 0
