@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -69,15 +70,56 @@ def _quiet_int8_cast_notice() -> None:
         bnb_logger.addFilter(_DropCastNotice())
 
 
+class Int8WeightOnlyLinear(nn.Module):
+    """A frozen `nn.Linear` with int8 weights, one scale per output row (symmetric), applied by
+    torch's CPU kernel `_weight_int8pack_mm` to activations in the model's dtype.
+
+    A batch-1 decode step on the CPU waits for its weights to stream from memory: int8 reads half
+    the bytes of bf16 (a quarter of float32). x (..., in) -> (..., out) in x's dtype.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()  # (out, in)
+        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", (weight / scale[:, None]).round().to(torch.int8))
+        self.register_buffer("scale", scale.to(linear.weight.dtype))  # (out,)
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale.to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def int8_weight_only(model: nn.Module) -> int:
+    """Swap every `nn.Linear` in `model` (the LM head included) for `Int8WeightOnlyLinear`;
+    returns how many. A tied LM head keeps its float copy in the input embeddings."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8WeightOnlyLinear(child))
+                swapped += 1
+    return swapped
+
+
 def load_llm(
     path: Path, device: torch.device, dtype: torch.dtype, quantize: Quantize = "none"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the LLM frozen in eval mode; only the LLM is ever quantized (encoders stay float)."""
+    """Load the LLM frozen in eval mode; only the LLM is ever quantized (encoders stay float).
+
+    `int8` on the CPU is weight-only int8 (`Int8WeightOnlyLinear`); on CUDA, and `nf4`
+    everywhere, bitsandbytes."""
     if not (path / "config.json").is_file():
         raise ModelConfigError(f"LLM checkpoint has no config.json: {path}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs: dict = {"dtype": dtype, "attn_implementation": "sdpa"}
-    qconfig = quantization_config(quantize, dtype)
+    cpu_int8 = quantize == "int8" and device.type == "cpu"
+    qconfig = None if cpu_int8 else quantization_config(quantize, dtype)
     if qconfig is not None:
         if quantize == "int8":
             _quiet_int8_cast_notice()
@@ -87,4 +129,6 @@ def load_llm(
     if qconfig is None:
         model = model.to(device)
     model.eval().requires_grad_(False)
+    if cpu_int8:
+        int8_weight_only(model)
     return model, tokenizer

@@ -238,12 +238,14 @@ def test_quantized_llm_layers_in_process(cli_model: Path) -> None:
 
     from xllm.model.checkpoint import load_model
     from xllm.model.generate import generate
+    from xllm.model.llm import Int8WeightOnlyLinear
     from xllm.model.sampling import SamplingParams
 
-    for quantize, kind in (("nf4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt)):
+    # On the CPU: bitsandbytes for nf4, torch's int8 weight-only kernel for int8 (LM head too).
+    for quantize, kind in (("nf4", bnb.nn.Linear4bit), ("int8", Int8WeightOnlyLinear)):
         model = load_model(cli_model, device="cpu", quantize=quantize)
         layers = model.llm.model.layers
-        linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+        linears = [m for m in layers.modules() if isinstance(m, (torch.nn.Linear, kind))]
         assert linears and all(isinstance(m, kind) for m in linears), quantize
         # Only the LLM is quantized: the encoders and interfaces stay float.
         for module in (model.vision, model.speech, *model.interfaces().values()):
@@ -255,3 +257,21 @@ def test_quantized_llm_layers_in_process(cli_model: Path) -> None:
             generate(model.llm, model.tokenizer, embeds, SamplingParams(max_tokens=4, min_tokens=4))
         )
         assert len(deltas) == 4
+
+
+def test_int8_weight_only_linear_is_the_dequantized_matmul() -> None:
+    """Int8WeightOnlyLinear computes x @ (int8 weight x row scale)^T + bias, and the rounding is
+    at most half a step of each row's scale."""
+    from xllm.model.llm import Int8WeightOnlyLinear, int8_weight_only
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    quantized = Int8WeightOnlyLinear(linear)
+    dequantized = quantized.weight.float() * quantized.scale[:, None]
+    assert (dequantized - linear.weight).abs().le(quantized.scale[:, None] / 2 + 1e-7).all()
+    x = torch.randn(3, 5, 96)
+    expected = torch.nn.functional.linear(x, dequantized, linear.bias)
+    torch.testing.assert_close(quantized(x), expected, rtol=1e-5, atol=1e-5)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    assert int8_weight_only(model) == 2
+    assert [type(m) for m in model] == [Int8WeightOnlyLinear, torch.nn.ReLU, Int8WeightOnlyLinear]
