@@ -25,7 +25,8 @@ from their last checkpoint):
     export     DIR/model: xllm.json (pinned parts by name) + interfaces.safetensors +
                recipe.json; `--install` copies it into the package (model/default/)
 
-Every phase is seeded; `xllm train` runs use one torch thread each (two chains on two cores).
+Every phase is seeded; `xllm train` runs use one torch thread each beside another (two chains on
+two cores) and every core alone (stage 3).
 
 Stage 1 (ITC + ITG) is not run on images: on DINOv2 features with a Q-Former and text tower
 from scratch, 150 steps left ITC at chance (ln 32) while ITG learned the templated captions

@@ -64,12 +64,12 @@ def run_parallel(names: list[str], command: Callable[[str], list[str]], log_dir:
         raise RuntimeError(f"phase(s) {failed} failed: see {log_dir}/phase-NAME.log")
 
 
-def xllm(args: list[str], log_file: Path, steps: int, desc: str) -> None:
-    """Run `xllm ARGS` in a subprocess (one torch thread: the fastest on a shared small CPU),
-    its output to `log_file`, with a progress bar fed by its metrics."""
+def xllm(args: list[str], log_file: Path, steps: int, desc: str, threads: int = 1) -> None:
+    """Run `xllm ARGS` in a subprocess with `threads` torch threads ($OMP_NUM_THREADS wins), its
+    output to `log_file`, with a progress bar fed by its metrics."""
     from tqdm import tqdm
 
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "xllm", *args]
@@ -125,6 +125,10 @@ class PhasedRecipe:
         self.jobs = jobs
         self.records = PhaseRecords(self.out / "phases")
         self.record: dict[str, Any] = {"scale": asdict(self.scale), "seed": seed, "phases": {}}
+        # torch threads of `xllm train` runs: one beside other phases (on a small shared CPU
+        # more threads spin against each other), every core for a run alone (set by
+        # recipe_main; a phase run with --phase is one of several in parallel)
+        self.train_threads = 1
 
     def phases(self) -> dict[str, Phase]:
         raise NotImplementedError
@@ -170,7 +174,8 @@ class PhasedRecipe:
             "--num-workers", "1", "--device", "cpu", "--log-every", "10", "--resume",
             *self.train_flags,
         ]  # fmt: skip
-        xllm(args, log_file=self.out / "runs" / f"{stage}.log", steps=steps, desc=stage)
+        log_file = self.out / "runs" / f"{stage}.log"
+        xllm(args, log_file, steps, stage, self.train_threads)
         return {"steps": steps, "batch_size": batch, "lr": lr, **last_metrics(out)}
 
     def run(self, stop_after: str | None = None) -> None:
@@ -212,6 +217,8 @@ def recipe_main(
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     built = recipe(args.out, args.scale, args.seed, args.jobs)
+    if not args.phase:
+        built.train_threads = os.cpu_count() or 1
     if args.phase:
         built.records.run(args.phase, built.phases()[args.phase])
         return 0

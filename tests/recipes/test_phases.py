@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from xllm.model.recipes.phases import PhaseRecords, last_metrics
+from xllm.model.recipes.phases import PhasedRecipe, PhaseRecords, last_metrics, recipe_main
 
 
 def test_a_finished_phase_is_skipped_and_its_figures_kept(tmp_path: Path) -> None:
@@ -37,3 +39,36 @@ def test_last_metrics_reads_the_last_training_record(tmp_path: Path) -> None:
     text = "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 3, "lo'
     (tmp_path / "metrics.jsonl").write_text(text)
     assert last_metrics(tmp_path) == {"step": 2, "loss": 1.5}
+
+
+@dataclass
+class ProbeScale:
+    stages: dict = field(default_factory=dict)
+
+
+PROBE_SCALES = {"full": ProbeScale()}
+PROBE_RUNS: dict[str, tuple[str, str]] = {}
+
+
+def test_train_runs_take_every_core_only_when_alone(tmp_path: Path, monkeypatch) -> None:
+    """A phase run with --phase runs beside others (one torch thread per `xllm train`); the
+    recipe's own process runs its phases alone (every core)."""
+    seen: list[tuple[str, int]] = []
+
+    class Probe(PhasedRecipe):
+        name = module = "probe"
+        scales = PROBE_SCALES
+        stage_runs = PROBE_RUNS
+
+        def phases(self) -> dict:
+            return {"x": lambda: seen.append(("phase", self.train_threads))}
+
+        def run(self, stop_after: str | None = None) -> None:
+            seen.append(("run", self.train_threads))
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert recipe_main(["--out", str(tmp_path)], Probe, "probe", lambda p: p, "-") == 0
+    assert (
+        recipe_main(["--out", str(tmp_path), "--phase", "x"], Probe, "probe", lambda p: p, "-") == 0
+    )
+    assert seen == [("run", os.cpu_count()), ("phase", 1)]
