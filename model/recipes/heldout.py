@@ -13,6 +13,7 @@ training never used, from the recipe's data phase). A server is started on a fre
     video      "Which way does the <shape> move?" / "Where is the shape going?": the direction
     asr        "Transcribe the audio.": word error rate (held-out voices; all voices of the set)
     spoken     a spoken question plus an image ("Answer the spoken question about the image.")
+    scene_*    (--scene-images) questions about images of several shapes, by kind
 """
 
 from __future__ import annotations
@@ -48,6 +49,33 @@ def wer_counts(reference: str, hypothesis: str) -> tuple[int, int]:
 
     ref, hyp = words(reference), words(hypothesis)
     return edit_distance(ref, hyp), len(ref)
+
+
+# Words an answer about a scene may leave out; numbers may be written as digits.
+FILLER_WORDS = {"a", "an", "the", "in", "on", "at", "of", "is", "it", "there", "are", "its"}
+DIGITS = {"1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six"}
+# The question kinds of `xllm data scenes` image conversations, by their first words.
+SCENE_QUESTIONS = {
+    "how many": "count",
+    "where is": "position",
+    "what color": "color",
+    "what shape": "shape",
+    "what is at": "what_is_at",
+    "is the": "size",
+}
+
+
+def says_all_of(answer: str, expected: str) -> bool:
+    """The answer holds every content word of the expected answer (digits read as words):
+    "There are three." for "Three.", "It is in the top left corner." for "In the top left
+    corner."."""
+    found = {DIGITS.get(w, w) for w in re.sub(r"[^a-z0-9' ]", " ", answer.lower()).split()}
+    return set(words(expected)) - FILLER_WORDS <= found
+
+
+def scene_question_kind(question: str) -> str | None:
+    text = " ".join(words(re.sub(r"<(image|audio|video)>", " ", question)))
+    return next((kind for start, kind in SCENE_QUESTIONS.items() if text.startswith(start)), None)
 
 
 def scene_of(text: str) -> dict[str, str]:
@@ -121,13 +149,17 @@ def evaluate(
     n: int,
     scenes: Path | None = None,
     concurrency: int = 8,
+    scene_images: Path | None = None,
 ) -> dict[str, Any]:
     """Every task's questions, asked `concurrency` at a time (the server batches them).
 
     `data`: an `xllm data toy` folder (images, videos, speech, spoken questions about images);
     `voices`: a folder with `speech_heldout.jsonl`; `scenes`: an `xllm data scenes --heldout`
     folder (held-out sentences in held-out voices: WER; spoken general questions: agreement of
-    the spoken question's answer with the typed question's, word F1 >= AGREEMENT_F1).
+    the spoken question's answer with the typed question's, word F1 >= AGREEMENT_F1);
+    `scene_images`: an `xllm data scenes` image manifest (several shapes per image): its
+    questions by kind (count, position, size, colour, shape, what is at a place), the answer
+    holding every content word of the expected one.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -192,6 +224,17 @@ def evaluate(
         prompt = "Answer the spoken question about the image."
         files = [("image", data / row["image"]), ("audio", data / row["audio"])]
         jobs.append(("spoken_question", prompt, files, 24, lambda a, s=scene: names_exactly(a, s)))
+    for row in rows(scene_images) if scene_images is not None else []:
+        if "conversations" not in row:
+            continue
+        question, expected = (t["content"] for t in row["conversations"][:2])
+        question = question.replace("<image>", "").strip()
+        kind = scene_question_kind(question)
+        if kind is None:  # descriptions: long, scored by none of these rules
+            continue
+        files = [("image", scene_images.parent / row["image"])]
+        score = lambda a, e=expected: says_all_of(a, e)  # noqa: E731
+        jobs.append((f"scene_{kind}", question, files, 24, score))
     typed: dict[str, str] = {}
     spoken_general = rows(scenes / "spoken_heldout.jsonl")[:n] if scenes is not None else []
     for row in spoken_general:  # the typed answers first: the spoken ones are scored on them
@@ -275,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenes", type=Path, default=None, help="`xllm data scenes --heldout N` folder"
     )
+    parser.add_argument(
+        "--scene-images",
+        type=Path,
+        default=None,
+        help="an `xllm data scenes` image manifest (.jsonl): counts, positions, sizes",
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="questions asked at once")
     parser.add_argument("--n", type=int, default=100, help="items per task")
     parser.add_argument("--out", type=Path, default=None, help="JSON result file")
@@ -287,7 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start = time.time()
         summary = evaluate(
-            Client(url), args.data, args.voices, args.n, args.scenes, args.concurrency
+            Client(url),
+            args.data,
+            args.voices,
+            args.n,
+            args.scenes,
+            args.concurrency,
+            args.scene_images,
         )
         summary["seconds"] = round(time.time() - start, 1)
         summary["model"] = str(args.model or "packaged demo")

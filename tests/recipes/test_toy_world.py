@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from xllm.model.recipes.heldout import names_exactly, scene_of
+from xllm.model.recipes.heldout import names_exactly, says_all_of, scene_of, scene_question_kind
 from xllm.model.recipes.pretrain import edit_distance
 from xllm.model.recipes.pretrain_llm import build_tokenizer
 from xllm.model.recipes.pretrain_speech import (
@@ -81,6 +81,13 @@ def test_heldout_scoring() -> None:
         "direction": "left",
     }
     assert edit_distance(["a", "red", "circle"], ["a", "red", "square"]) == 1
+    assert scene_question_kind("<image> How many red shapes are there?") == "count"
+    assert scene_question_kind("Is the brown square small or large?") == "size"
+    assert scene_question_kind("Describe the image.") is None
+    assert says_all_of("There are 3.", "Three.") and says_all_of("three", "Three.")
+    assert says_all_of("It is in the top left corner.", "In the top left corner.")
+    assert not says_all_of("In the top right corner.", "In the top left corner.")
+    assert not says_all_of("One.", "Three.")
 
 
 @pytest.mark.skipif(not (DEMO / "xllm.json").is_file(), reason="no demo model is packaged")
