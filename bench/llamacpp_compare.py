@@ -19,6 +19,9 @@ TPOT p50, requests completed and mean output tokens per request.
 llama-cpp-python's server runs one request at a time; by default a new request interrupts the
 one streaming, so it is started with `--interrupt_requests False`: requests wait their turn.
 
+Several xllm configurations can be measured in the same run (`--xllm NAME=FLAGS`, repeated), e.g.
+`--xllm "bf16=--dtype bfloat16 ..." --xllm "int8=--dtype bfloat16 --quantize int8 ..."`.
+
 Writes $OUT/llamacpp_compare.json (default ./bench-out) and every `xllm bench` report beside it.
 """
 
@@ -103,7 +106,7 @@ def start(command: list[str], log: Path, env: dict[str, str], url: str) -> subpr
 
 # llama-cpp-python's server has no ignore_eos: its end-of-generation tokens (SmolLM2's
 # <|endoftext|> and <|im_end|>) are banned instead, so both servers generate max_tokens
-EXTRA_BODY = {"llama.cpp": {"logit_bias": {"0": -100, "2": -100}}, "xllm": {}}
+EXTRA_BODY = {"llama.cpp": {"logit_bias": {"0": -100, "2": -100}}}  # xllm servers: none
 
 
 def bench(name: str, url: str, args: argparse.Namespace) -> dict:
@@ -132,7 +135,7 @@ def bench(name: str, url: str, args: argparse.Namespace) -> dict:
             "--timeout",
             "1800",
             "--extra-body",
-            json.dumps(EXTRA_BODY[name]),
+            json.dumps(EXTRA_BODY.get(name, {})),
             "--no-progress",
             "--json",
             str(report),
@@ -177,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-1", type=int, default=8, help="requests at 1 client")
     parser.add_argument("--requests-16", type=int, default=32, help="requests at 16 clients")
     parser.add_argument(
-        "--xllm-flag",
+        "--xllm",
         action="append",
         default=None,
-        help="`xllm serve` flags (repeatable; default: --kv-cache-memory-gb 1 --max-model-len "
+        metavar="NAME=FLAGS",
+        help="an xllm server to measure, named, with its `xllm serve` flags (repeatable: each "
+        "runs in turn after llama.cpp; default: xllm=--kv-cache-memory-gb 1 --max-model-len "
         "2048 --dtype bfloat16: llama.cpp's context, 16+ KV slots in 1 GiB)",
     )
     parser.add_argument(
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(item.split("=", 1) for item in args.server_env)
     gguf = gguf_file(args.out)
-    xllm_flags = [f for flag in args.xllm_flag or [DEFAULT_XLLM_FLAGS] for f in shlex.split(flag)]
+    configs = dict(item.split("=", 1) for item in args.xllm or [f"xllm={DEFAULT_XLLM_FLAGS}"])
     servers = {
         "llama.cpp": [
             args.llamacpp_python,
@@ -206,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             "--interrupt_requests",
             "False",
         ],
-        "xllm": [
+    }
+    for name, flags in configs.items():
+        servers[name] = [
             sys.executable,
             "-m",
             "xllm",
@@ -215,9 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             str(xllm_model_dir(args.out)),
             "--torch-threads",
             str(args.threads),
-            *xllm_flags,
-        ],
-    }
+            *shlex.split(flags),
+        ]
     load_start = os.getloadavg()
     results = {}
     for name, command in servers.items():
@@ -244,25 +250,26 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "servers": results,
     }
-    llama, ours = results["llama.cpp"]["clients"], results["xllm"]["clients"]
-    if llama[1]["tpot_p50_ms"] and ours[1]["tpot_p50_ms"]:
-        summary["tpot_1_client_xllm_over_llamacpp"] = round(
-            ours[1]["tpot_p50_ms"] / llama[1]["tpot_p50_ms"], 2
-        )
-    if llama[1]["output_tokens_per_s"] and ours[16]["output_tokens_per_s"]:
-        summary["xllm_16_clients_over_llamacpp_1_client_tokens_per_s"] = round(
-            ours[16]["output_tokens_per_s"] / llama[1]["output_tokens_per_s"], 2
-        )
+    llama = results["llama.cpp"]["clients"]
+    ratios: dict[str, dict[str, float]] = {}
+    for name in configs:
+        ours = results[name]["clients"]
+        if llama[1]["tpot_p50_ms"] and ours[1]["tpot_p50_ms"]:
+            ratios.setdefault(name, {})["tpot_1_client_over_llamacpp"] = round(
+                ours[1]["tpot_p50_ms"] / llama[1]["tpot_p50_ms"], 2
+            )
+        if llama[1]["output_tokens_per_s"] and ours[16]["output_tokens_per_s"]:
+            ratios.setdefault(name, {})["tokens_per_s_16_clients_over_llamacpp_1_client"] = round(
+                ours[16]["output_tokens_per_s"] / llama[1]["output_tokens_per_s"], 2
+            )
+    summary["ratios"] = ratios
     (args.out / "llamacpp_compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, result in results.items():
         for clients, row in result["clients"].items():
             print(f"{name:<9} {clients:2d} clients: {format_row(row)}")
-    for key in (
-        "tpot_1_client_xllm_over_llamacpp",
-        "xllm_16_clients_over_llamacpp_1_client_tokens_per_s",
-    ):
-        if key in summary:
-            print(f"{key}: {summary[key]}")
+    for name, figures in ratios.items():
+        for key, value in figures.items():
+            print(f"{name}: {key} {value}")
     load = f"{summary['loadavg_start']} -> {summary['loadavg_end']}"
     print(f"load average {load} on {os.cpu_count()} CPUs")
     return 0
