@@ -9,6 +9,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from xllm.model.config import ModelConfigError
 from xllm.server.deps import Runtime
 from xllm.server.settings import Settings
 
@@ -80,6 +81,9 @@ async def start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPool
                 "kv_cache_mb": round(engine.kv_cache_bytes / 2**20, 1),
             },
         )
+    except ModelConfigError as exc:  # the user's to fix, and the message says how
+        runtime.load_error = str(exc)
+        log.error("model failed to load: %s", exc)
     except Exception as exc:
         runtime.load_error = str(exc)
         log.exception("model failed to load")

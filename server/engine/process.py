@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xllm.model.config import ModelConfigError
 from xllm.server.engine.admission import AdmissionControl
 from xllm.server.engine.config import EngineConfig
 from xllm.server.engine.contract import EngineObserver
@@ -94,7 +95,8 @@ class EngineProcess(AdmissionControl):
 
     # --- lifecycle ---
     def start(self) -> None:
-        """Start the child and wait until its model is loaded; EngineLoadError if it is not."""
+        """Start the child and wait until its model is loaded; if it is not, ModelConfigError
+        (a model directory or part the user must fix) or EngineLoadError."""
         # Not fork: this process has threads (and may have touched CUDA). `xllm serve` starts the
         # fork server early, with the engine's modules imported (server/cli.py).
         context = multiprocessing.get_context("forkserver")
@@ -119,7 +121,8 @@ class EngineProcess(AdmissionControl):
             ) from None
         if kind == "failed":
             self._process.join(5)
-            raise EngineLoadError(payload)
+            message, config_error = payload
+            raise (ModelConfigError if config_error else EngineLoadError)(message)
         self.config = payload["config"]
         self.max_model_len = payload["max_model_len"]
         self.kv_cache_bytes = payload["kv_cache_bytes"]
@@ -351,9 +354,13 @@ def _engine_main(spec: EngineSpec, conn: Connection, heartbeat: Any) -> None:
     outbox = _Outbox(conn)
     try:
         engine = _load_engine(spec, outbox)
+    except ModelConfigError as exc:  # the user's to fix, and the message says how
+        log.error("model failed to load: %s", exc)
+        outbox.post(("failed", (str(exc), True)))
+        return
     except Exception as exc:
         log.exception("model failed to load")
-        outbox.post(("failed", str(exc)))
+        outbox.post(("failed", (str(exc), False)))
         return
     handles: dict[int, _ChildHandle] = {}
     engine.start()
