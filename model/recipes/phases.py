@@ -217,11 +217,10 @@ def recipe_main(
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     built = recipe(args.out, args.scale, args.seed, args.jobs)
-    if not args.phase:
-        built.train_threads = os.cpu_count() or 1
-    if args.phase:
+    if args.phase:  # one of several phases in parallel: `xllm train` runs keep one thread
         built.records.run(args.phase, built.phases()[args.phase])
         return 0
+    built.train_threads = os.cpu_count() or 1
     log.info("%s recipe: out=%s scale=%s seed=%d", recipe.name, args.out, args.scale, args.seed)
     built.run(args.stop_after)
     if args.install and (args.out / "model" / "xllm.json").is_file():
