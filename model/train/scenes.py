@@ -248,7 +248,11 @@ def image_questions(scene: ImageScene, rng: random.Random) -> list[tuple[str, st
         qa += [(f"Is the {item.color} {item.shape} small or large?", sentence(item.size))]
     if by_shape := unique(items, lambda i: i.shape):
         item = rng.choice(by_shape)
-        qa += [(f"What color is the {item.shape}?", sentence(item.color))]
+        question = f"What color is the {item.shape}?"
+        if len(items) == 1:  # a lone shape is asked about unnamed as often as by name
+            unnamed = ("What color is the shape?", "What color is it?")
+            question = rng.choice((*unnamed, question, question))
+        qa += [(question, sentence(item.color))]
     if by_color := unique(items, lambda i: i.color):
         item = rng.choice(by_color)
         question = (

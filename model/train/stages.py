@@ -4,8 +4,9 @@ Stage 1 trains an interface without the LLM:
     image:  Q-Former + image queries with BLIP-2's stage-1 objectives, image-text contrastive
             (ITC) and image-grounded text generation (ITG), against a small training-only text
             tower (`ImageTextHeads`, saved apart from the interfaces);
-    speech: C-Former with the CIF quantity loss plus token cross-entropy: CIF fires exactly one
-            vector per transcript token (LLM tokenizer), and a linear head reads the token back.
+    speech: C-Former (projection included) with the CIF quantity loss plus token cross-entropy:
+            CIF fires exactly one vector per transcript token (LLM tokenizer), read back as the
+            nearest entry of the frozen LLM's embedding table (`SpeechStage1`).
 Stage 2 aligns one interface with the frozen LLM (LM cross-entropy on answer tokens only):
     image: Q-Former + image queries + projection; video: its own Q-Former + video queries +
     frame positions + projection (all initialised from the image interface; X-LLM shares the
@@ -92,7 +93,7 @@ def default_trainable(config: TrainConfig, model: XLLM) -> list[str]:
     if config.stage == 1:
         if config.modality == "image":
             return ["image_interface.qformer", "image_interface.query_tokens"]
-        return [f"speech_interface.{n}" for n in CFORMER_STAGE1]
+        return ["speech_interface"]
     if config.stage == 2:
         return {
             "image": ["image_interface"],
@@ -105,10 +106,6 @@ def default_trainable(config: TrainConfig, model: XLLM) -> list[str]:
     elif model.speech_interface is not None:
         prefixes.append("speech_interface.mlp")  # the frame-stacking projector is all projection
     return [p for p in prefixes if p.split(".")[0] in model.interfaces()]
-
-
-# C-Former parts trained in stage 1 (everything but the LLM projection, which needs the LLM).
-CFORMER_STAGE1 = ("weight_conv", "weight_out", "input_proj", "stack", "norm")
 
 
 def check_model(config: TrainConfig, model: XLLM) -> None:
@@ -370,19 +367,33 @@ def text_ids(
     return ids.to(device), pad.to(device)
 
 
+# A token on its own embedding E_y out-scores another entry E_v by
+# READOUT_SHARPNESS * |E_y - E_v|^2 / mean |E|^2 nats: ~10-20 for unrelated entries.
+READOUT_SHARPNESS = 10.0
+
+
 class SpeechStage1(Objective):
-    """C-Former against the frozen Whisper encoder: CIF quantity loss + per-fire token CE."""
+    """C-Former against the frozen Whisper encoder and the frozen LLM's embedding table: CIF
+    quantity loss + per-fire token cross-entropy read through that table.
+
+    CIF fires exactly one vector per transcript token (LLM tokenizer) and the C-Former's
+    projection maps it into the LLM's input space; the logit of vocabulary entry v is minus the
+    squared distance to its embedding E_v (softmax-equivalent to 2 x.E_v - |E_v|^2), scaled by
+    READOUT_SHARPNESS over the table's mean squared norm, and the squared distance to the
+    target's embedding (same unit) is a loss of its own (`embedding_weight`). So the
+    interface learns language-like tokens in the LLM's own embedding space (X-LLM's stage 1:
+    speech as a foreign language the LLM already reads), and no head is trained beside it. The
+    cross-entropy alone pushes tokens past their embeddings (its logits are linear in the token),
+    to 4x the embeddings' norm, where the frozen LLM no longer reads them as words; the distance
+    term holds each token at the embedding it stands for.
+    """
 
     def __init__(self, model: XLLM, config: TrainConfig) -> None:
         super().__init__(model)
-        cformer = model.speech_interface
-        assert isinstance(cformer, CFormer)
-        self.head = nn.Linear(cformer.projection.in_features, len(model.tokenizer))
+        assert isinstance(model.speech_interface, CFormer)
         self.quantity_weight = config.quantity_weight
+        self.embedding_weight = config.embedding_weight
         self.max_tokens = config.max_text_tokens
-
-    def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"speech.{k}": v for k, v in self.head.state_dict().items()}
 
     def forward(self, samples: Sequence[Sample]) -> StepOutput:
         if not samples:
@@ -404,16 +415,32 @@ class SpeechStage1(Objective):
             for s in samples
         ]
         # Training fires exactly len(target) vectors, one per token to predict.
-        compressed = [cformer.compress(f, len(t)) for f, t in zip(frames, targets, strict=True)]
+        dtype = cformer.projection.weight.dtype
+        compressed = [
+            cformer.compress(f.to(dtype), len(t)) for f, t in zip(frames, targets, strict=True)
+        ]
         states = cformer.encode_fires([fires for fires, _ in compressed])  # [(N_i, hidden)]
-        logits = self.head(torch.cat(states))  # (sum N_i, V)
+        tokens = cformer.projection(torch.cat(states)).float()  # (sum N_i, H): what the LLM reads
+        table = model.llm.get_input_embeddings().weight.detach().float()  # (V, H), frozen
+        squared_norms = table.pow(2).sum(-1)  # (V,)
+        # Squared distances in units of the table's mean squared norm, so the read-out's
+        # sharpness does not depend on the LLM's embedding scale.
+        unit = squared_norms.mean()
+        logits = (2 * tokens @ table.T - squared_norms) * (READOUT_SHARPNESS / unit)  # (N, V)
         labels = torch.tensor([i for t in targets for i in t], device=logits.device)
         ce = F.cross_entropy(logits, labels)
+        distance = (tokens - table[labels]).pow(2).sum(-1).mean() / unit
         quantity = torch.stack(
             [quantity_loss(q, len(t)) for (_, q), t in zip(compressed, targets, strict=True)]
         ).mean()
-        loss = ce + self.quantity_weight * quantity
-        return StepOutput(loss, {"ce": ce.item(), "quantity": quantity.item()}, len(samples))
+        loss = ce + self.embedding_weight * distance + self.quantity_weight * quantity
+        parts = {
+            "ce": ce.item(),
+            "distance": distance.item(),
+            "quantity": quantity.item(),
+            "token_accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+        }
+        return StepOutput(loss, parts, len(samples))
 
 
 def build_objective(config: TrainConfig, model: XLLM) -> Objective:
