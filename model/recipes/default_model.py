@@ -74,8 +74,10 @@ class Scale:
     # xllm data scenes: training rows per manifest, validation rows each, held-out rows each
     data_n: dict[str, int] = field(
         default_factory=lambda: {
-            "image": 1500,
-            "speech": 4000,
+            # 12,000 clips say ~6,000 of the pool's 6,623 training sentences: speech learns only
+            # the words it hears, and 4,000 (2,860 sentences) overfit (DEMO_MODEL.md, third run)
+            "image": 12000,
+            "speech": 12000,
             "video": 600,
             "mixed": 1200,
             "spoken": 1000,
@@ -87,10 +89,10 @@ class Scale:
     # xllm train: stage -> (steps, batch size, lr)
     stages: dict[str, tuple[int, int, float]] = field(
         default_factory=lambda: {
-            "stage2-image": (500, 16, 5e-4),
+            "stage2-image": (800, 16, 5e-4),
             "stage2-video": (300, 8, 5e-4),
             "stage1-speech": (3000, 16, 1e-3),
-            "stage2-speech": (500, 16, 2e-4),
+            "stage2-speech": (300, 16, 2e-4),
             "stage3": (300, 8, 2e-4),
         }
     )

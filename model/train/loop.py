@@ -68,7 +68,9 @@ from xllm.model.xllm import XLLM
 
 log = logging.getLogger("xllm.train")
 
-STAGE_FILES = {1: "{modality}_train.jsonl", 2: "{modality}_train.jsonl", 3: "*_train.jsonl"}
+# The manifests of a --data folder each stage reads; `row_filter` keeps the rows that fit it
+# (stage 2: every row whose only media is the stage's, e.g. spoken questions beside transcripts).
+STAGE_FILES = {1: "{modality}_train.jsonl", 2: "*_train.jsonl", 3: "*_train.jsonl"}
 
 
 @dataclass

@@ -184,3 +184,22 @@ def test_speech_stage1_tokens_read_as_the_transcript(
     train(tiny_model_dir, toy_dir / "speech_train.jsonl", out, *args, "--lr", "1e-2")
     assert readout_accuracy(tiny_model_dir) < 0.1
     assert readout_accuracy(out) > 0.35  # chance: 1 in the vocabulary (512)
+
+
+@pytest.mark.parametrize("modality", ["speech", "image"])
+def test_stage2_on_a_folder_takes_every_row_of_its_modality_alone(
+    tiny_model, toy_dir: Path, modality: str
+) -> None:
+    """Stage 2 reads every *_train.jsonl of a --data folder and keeps the rows whose only media
+    is its modality: speech aligns on the mixed manifest's audio-only turns beside the
+    transcripts (spoken questions, in the default recipe), never on rows with other media."""
+    from xllm.model.train.config import TrainConfig
+    from xllm.model.train.distributed import Dist
+    from xllm.model.train.loop import stage_dataset
+
+    config = TrainConfig(stage=2, modality=modality, model=toy_dir, data=toy_dir)
+    dataset = stage_dataset(config, tiny_model, toy_dir, "train", Dist())
+    kind = {"speech": "audio", "image": "image"}[modality]
+    sources = {example.source.split(":")[0] for example in dataset.examples}
+    assert sources == {f"{modality}_train.jsonl", "mixed_train.jsonl"}
+    assert all(example.kinds == [kind] for example in dataset.examples)
