@@ -170,18 +170,24 @@ class XLLM(nn.Module):
                     out[i].append(("video", self.video_interface(patches[j])))
         sound = [i for i, it in enumerate(items) if it.audio_features is not None]
         if sound:
-            assert self.speech is not None and self.speech_interface is not None
-            features = torch.cat([items[i].audio_features for i in sound]).to(self.device)
-            frames = self.speech.encode_clips(
-                features,
-                [items[i].audio_features.shape[0] for i in sound],
-                [items[i].audio_frames for i in sound],
-            )
-            dtype = _dtype_of(self.speech_interface)
-            tokens, _ = self.speech_interface([f.to(dtype) for f in frames])
+            assert self.speech_interface is not None
+            tokens, _ = self.speech_interface(self.speech_frames([items[i] for i in sound]))
             for i, t in zip(sound, tokens, strict=True):
                 out[i].append(("audio", t))  # after the video's frames when from a video track
         return out
+
+    def speech_frames(self, items: Sequence[PreparedMedia]) -> list[torch.Tensor]:
+        """Items with audio features -> their frozen speech-encoder frames [(T_i, De)], batched,
+        in the speech interface's dtype (the encoder may run in half precision on a GPU)."""
+        assert self.speech is not None and self.speech_interface is not None
+        features = torch.cat([it.audio_features for it in items]).to(self.device)
+        frames = self.speech.encode_clips(
+            features,
+            [it.audio_features.shape[0] for it in items],
+            [it.audio_frames for it in items],
+        )
+        dtype = _dtype_of(self.speech_interface)
+        return [f.to(dtype) for f in frames]
 
     # --- step 4: prompt ---
     def layout(

@@ -400,14 +400,8 @@ class SpeechStage1(Objective):
             return StepOutput(self.empty_loss(), {}, 0)
         model: XLLM = self.model
         cformer = model.speech_interface
-        assert model.speech is not None and isinstance(cformer, CFormer)
-        media = [s.media[0] for s in samples]
-        features = torch.cat([m.audio_features for m in media]).to(model.device)
-        frames = model.speech.encode_clips(  # frozen
-            features,
-            [m.audio_features.shape[0] for m in media],
-            [m.audio_frames for m in media],
-        )  # [(T_i, De)]
+        assert isinstance(cformer, CFormer)
+        frames = model.speech_frames([s.media[0] for s in samples])  # frozen: [(T_i, De)]
         targets = [
             model.tokenizer(s.example.text or "", add_special_tokens=False)["input_ids"][
                 : self.max_tokens
@@ -415,10 +409,7 @@ class SpeechStage1(Objective):
             for s in samples
         ]
         # Training fires exactly len(target) vectors, one per token to predict.
-        dtype = cformer.projection.weight.dtype
-        compressed = [
-            cformer.compress(f.to(dtype), len(t)) for f, t in zip(frames, targets, strict=True)
-        ]
+        compressed = [cformer.compress(f, len(t)) for f, t in zip(frames, targets, strict=True)]
         states = cformer.encode_fires([fires for fires, _ in compressed])  # [(N_i, hidden)]
         tokens = cformer.projection(torch.cat(states)).float()  # (sum N_i, H): what the LLM reads
         table = model.llm.get_input_embeddings().weight.detach().float()  # (V, H), frozen

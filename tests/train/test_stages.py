@@ -188,7 +188,7 @@ def test_speech_stage1_tokens_read_as_the_transcript(
 
 @pytest.mark.parametrize("modality", ["speech", "image"])
 def test_stage2_on_a_folder_takes_every_row_of_its_modality_alone(
-    tiny_model, toy_dir: Path, modality: str
+    tiny_model, tiny_model_dir: Path, toy_dir: Path, modality: str
 ) -> None:
     """Stage 2 reads every *_train.jsonl of a --data folder and keeps the rows whose only media
     is its modality: speech aligns on the mixed manifest's audio-only turns beside the
@@ -197,7 +197,7 @@ def test_stage2_on_a_folder_takes_every_row_of_its_modality_alone(
     from xllm.model.train.distributed import Dist
     from xllm.model.train.loop import stage_dataset
 
-    config = TrainConfig(stage=2, modality=modality, model=toy_dir, data=toy_dir)
+    config = TrainConfig(stage=2, modality=modality, model=tiny_model_dir, data=toy_dir)
     dataset = stage_dataset(config, tiny_model, toy_dir, "train", Dist())
     kind = {"speech": "audio", "image": "image"}[modality]
     sources = {example.source.split(":")[0] for example in dataset.examples}
