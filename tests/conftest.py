@@ -126,3 +126,15 @@ def start_server(tmp_path_factory, tiny_model_dir) -> Iterator[Callable[..., Ser
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test that used a server process gets that server's log in its report (CI keeps
+    only the report, never the temporary directory the log was written to)."""
+    report = yield
+    if report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, ServerProcess):
+                report.sections.append((f"server log ({value.url})", value.log_text()))
+    return report

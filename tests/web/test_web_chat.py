@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests import servers
 from tests.servers import ServerProcess
@@ -68,10 +69,20 @@ def settings(page, ignore_eos: bool = False, **values: str) -> None:
     page.click("#settings summary")
 
 
-def wait_for_answer(page, index: int) -> str:
-    """Wait until the index-th answer is complete; return its exact text."""
+def wait_for_answer(page, index: int, timeout: float = 60) -> str:
+    """Wait until the index-th answer is complete; return its exact text.
+
+    `timeout` (seconds) only bounds a hang; past it the failure shows what the page shows.
+    """
     answer = page.locator(".msg.assistant").nth(index)
-    answer.locator(".meta").wait_for()
+    try:
+        answer.locator(".meta").wait_for(timeout=timeout * 1000)
+    except PlaywrightTimeoutError:
+        shown = page.locator("#main").inner_text()
+        raise AssertionError(
+            f"answer {index} incomplete after {timeout:g} s; page errors {page.errors}; "
+            f"the page shows:\n{shown}"
+        ) from None
     assert answer.get_attribute("aria-busy") == "false"
     return answer.locator(".text").text_content()
 
