@@ -156,11 +156,12 @@ def save_interfaces(model: XLLM, out_dir: str | Path, base_dir: str | Path | Non
 
 
 def default_model_dir() -> Path:
-    """The model used when none is named: the demo model packaged with xllm (model/demo)."""
-    demo = Path(__file__).parent / "demo"
-    if not (demo / CONFIG_NAME).is_file():
+    """The model used when none is named: the default model packaged with xllm (model/default:
+    its trained interfaces; the frozen parts it names are fetched into $XLLM_HOME on first use)."""
+    default = Path(__file__).parent / "default"
+    if not (default / CONFIG_NAME).is_file():
         raise ModelConfigError(
-            f"the packaged demo model is missing ({demo}); pass --model DIR "
-            "(or rebuild it: python -m xllm.model.recipes.toy_world --out DIR --install)"
+            f"the packaged default model is missing ({default}); pass --model DIR "
+            "(or rebuild it: python -m xllm.model.recipes.default_model --out DIR --install)"
         )
-    return demo
+    return default

@@ -44,7 +44,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=None,
-        help="model directory (default: the built-in demo model)",
+        help="model directory (default: the packaged default model)",
     )
     parser.add_argument(
         "--quantize", choices=QUANTIZE_CHOICES, default="none", help="quantize the LLM"

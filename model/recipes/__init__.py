@@ -1,6 +1,7 @@
-"""Recipes that build complete model directories from nothing with xllm's own pipeline.
+"""Recipes that build complete model directories with xllm's own pipeline.
 
-`python -m xllm.model.recipes.toy_world --out DIR` pre-trains the frozen components of the toy
-world (a small BLIP-2 vision tower, a small Whisper encoder, a small GLM with its tokenizer) and
-then trains the X2L interfaces with `xllm train` stages 1-3; the result is the shipped demo model.
+`python -m xllm.model.recipes.default_model --out DIR [--install]` builds the packaged default:
+real pretrained parts (fetched by `xllm.model.pretrained`), frozen, bridged by X2L interfaces
+that `xllm train` trains. `python -m xllm.model.recipes.toy_world --out DIR` builds a model whose
+every part, the LLM included, is trained from nothing on the toy world.
 """

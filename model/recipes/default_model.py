@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         Recipe,
         "Train the default model's interfaces on real pretrained parts (stages 2 and 3).",
-        install,
-        "copy DIR/model into the package (model/default/)",
+        (install, "copy DIR/model into the package (model/default/)"),
     )
 
 

@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             args.scene_images,
         )
         summary["seconds"] = round(time.time() - start, 1)
-        summary["model"] = str(args.model or "packaged demo")
+        summary["model"] = str(args.model or "packaged default")
     finally:
         if process is not None:
             process.terminate()

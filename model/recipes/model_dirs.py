@@ -1,6 +1,5 @@
-"""The model directories the recipe writes: the base (pre-trained components + fresh interfaces),
-the merge of the two `xllm train` chains, the self-contained export, and its installation into the
-package as the demo model."""
+"""The model directories the recipes write: the base (pre-trained components + fresh interfaces),
+the merge of the two `xllm train` chains, and the self-contained export."""
 
 from __future__ import annotations
 
@@ -107,13 +106,3 @@ def export_model(base: Path, final: Path, target: Path) -> None:
     history = final / "training.json"
     if history.is_file():
         shutil.copy(history, target / "training.json")
-
-
-def install(model_dir: Path, demo: Path) -> Path:
-    """Copy a model directory (safetensors only) into the package as the demo model."""
-    if demo.exists():
-        shutil.rmtree(demo)
-    shutil.copytree(model_dir, demo, ignore=shutil.ignore_patterns("eval", "*.bin", "*.pt"))
-    for path in demo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)  # safetensors are written owner-only
-    return demo

@@ -186,10 +186,10 @@ def recipe_main(
     argv: list[str] | None,
     recipe: type[PhasedRecipe],
     description: str,
-    install: Callable[[Path], Path],
-    install_help: str,
+    install: tuple[Callable[[Path], Path], str] | None = None,
 ) -> int:
-    """The command line every recipe shares: build DIR (or one phase of it), then install."""
+    """The command line every recipe shares: build DIR (or one phase of it), then install it
+    where a recipe has a place to install to (`install`: the function and its --help)."""
     import argparse
     import random
 
@@ -200,7 +200,8 @@ def recipe_main(
     parser.add_argument("--jobs", type=int, default=2, help="processes for data generation")
     parser.add_argument("--stop-after", default=None, help="end after this phase")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # one phase (internal)
-    parser.add_argument("--install", action="store_true", help=install_help)
+    if install is not None:
+        parser.add_argument("--install", action="store_true", help=install[1])
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
@@ -223,6 +224,6 @@ def recipe_main(
     built.train_threads = os.cpu_count() or 1
     log.info("%s recipe: out=%s scale=%s seed=%d", recipe.name, args.out, args.scale, args.seed)
     built.run(args.stop_after)
-    if args.install and (args.out / "model" / "xllm.json").is_file():
-        log.info("installed the %s model in %s", recipe.name, install(args.out / "model"))
+    if install is not None and args.install and (args.out / "model" / "xllm.json").is_file():
+        log.info("installed the %s model in %s", recipe.name, install[0](args.out / "model"))
     return 0

@@ -1,4 +1,4 @@
-"""The toy-world demo model from nothing: `python -m xllm.model.recipes.toy_world --out DIR`.
+"""The toy-world model from nothing: `python -m xllm.model.recipes.toy_world --out DIR`.
 
 Phases (each logged with its time and figures in DIR/phases/NAME.json and DIR/recipe.json; a
 finished phase is skipped when the command is run again, so an interrupted build continues):
@@ -21,10 +21,11 @@ finished phase is skipped when the command is run again, so an interrupted build
                 they train disjoint interfaces)
     merge       one directory with both chains' interfaces
     stage3      `xllm train --stage 3` on the mixed instructions (projections only)
-    export      DIR/model: the self-contained model directory (the shipped demo model)
+    export      DIR/model: the self-contained model directory (`xllm serve --model DIR/model`)
 
-`--install` copies DIR/model into the package (model/demo/), where `xllm serve` and
-`xllm generate` find it when no --model is given. `--scale small` is the reduced size the tests use.
+Every part of it, the LLM included, is trained here on the toy world: the project's first model,
+kept as a complete from-nothing run of the pipeline (the packaged default is built by
+`default_model.py` from real pretrained parts). `--scale small` is the reduced size the tests use.
 
 This module holds the sizes (`Scale`), the order of the phases and the command line; the phases
 themselves are in `components.py` (pre-training), `data.py`, `model_dirs.py` (base, merge,
@@ -43,12 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from xllm.model.recipes.components import ComponentPhases
-from xllm.model.recipes.model_dirs import assemble_base, export_model, install, merge_chains
+from xllm.model.recipes.model_dirs import assemble_base, export_model, merge_chains
 from xllm.model.recipes.phases import Phase, PhasedRecipe, recipe_main
 
 log = logging.getLogger("xllm.recipe")
-
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
 
 @dataclass
@@ -272,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     return recipe_main(
         argv,
         Recipe,
-        "Build the toy-world demo model from nothing (pre-training + xllm train 1-3).",
-        lambda model: install(model, DEMO_DIR),
-        "copy DIR/model into the package (model/demo/)",
+        "Build the toy-world model from nothing (pre-training + xllm train 1-3).",
     )
 
 

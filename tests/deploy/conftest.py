@@ -33,14 +33,16 @@ def route_status(app_client) -> Callable[[str], int]:
 
 @pytest.fixture
 def check_settings_env(monkeypatch) -> Callable[[dict[str, str | None], str], None]:
-    """check(env, where): every XLLM_* name is a Settings field and the values, as environment
-    variables, make valid Settings (parsed by pydantic-settings as the server does)."""
+    """check(env, where): every XLLM_* name is a Settings field (or one of the pretrained parts'
+    cache variables) and the values, as environment variables, make valid Settings (parsed by
+    pydantic-settings as the server does)."""
     from pydantic import ValidationError
 
     from tests.deploy.helpers import settings_fields
+    from xllm.model.pretrained import HOME_ENV, INDEX_ENV, OFFLINE_ENV
     from xllm.server.settings import Settings
 
-    fields = settings_fields()
+    fields = {*settings_fields(), HOME_ENV, INDEX_ENV, OFFLINE_ENV}
 
     def check(env: dict[str, str | None], where: str) -> None:
         xllm_env = {k: v for k, v in env.items() if k.startswith("XLLM_")}

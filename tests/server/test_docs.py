@@ -62,22 +62,6 @@ def test_openapi_yaml_is_generated_from_the_app():
     )
 
 
-def test_serve_without_model_uses_the_builtin_model(start_server):
-    """The Quick start: no --model serves the demo model packaged with xllm."""
-    import httpx
-
-    from xllm.model.checkpoint import default_model_dir
-    from xllm.model.config import XLLMConfig
-
-    demo = ROOT / "model" / "demo"
-    assert default_model_dir().resolve() == demo, "the demo model is packaged: the default"
-    server = start_server(model_dir=None)
-    served = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
-    assert served == XLLMConfig.load(demo).name
-    r = httpx.post(f"{server.url}/chat", data={"prompt": "hello", "max_tokens": "4"}, timeout=60)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
-
-
 def test_ci_runs_the_readmes_test_command_as_written():
     """CI tests the stack a user gets: the README's Quick start test command, nothing pinned."""
     readme = (ROOT / "README.md").read_text()
