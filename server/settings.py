@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="XLLM_", extra="forbid", env_ignore_empty=True)
 
     model: Path | None = Field(
-        None, description="model directory; default: the packaged default model (its pretrained parts are fetched into $XLLM_HOME on first use)"
+        None,
+        description="model directory; default: the packaged default model (its pretrained "
+        "parts are fetched into $XLLM_HOME on first use)",
     )
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="port")

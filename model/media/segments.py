@@ -6,7 +6,7 @@ floor and its loud peak are speech; a run of quieter frames at least `min_silenc
 pause between utterances. A segment starts where its utterance's sound starts: from its first
 loud frame back over the frames still audible above the floor (a soft onset), at most `pad`
 seconds, to the first audible sample. It ends `pad` seconds after its last loud frame. (Training
-clips start with their speech or a little silence; the demo model answers differently when a
+clips start with their speech or a little silence; the toy-world model answered differently when a
 clip starts even 10 ms earlier, so the onset is found to the sample.) A segment still longer
 than `max_seconds` (speech without pauses) is cut at its quietest frame in the second half of
 the allowed length, again and again. A recording with no contrast between quiet and loud (a

@@ -1,4 +1,4 @@
-"""The toy world's dialogues as the demo LLM is pre-trained on them.
+"""The toy world's dialogues as the toy-world LLM is pre-trained on them.
 
 The LLM is pre-trained on the exact prompts xllm builds at inference (the tokenizer's chat
 template, `<tag>` + media span + `</tag>`, media bound by placeholder or placed before the last

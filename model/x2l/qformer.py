@@ -4,7 +4,7 @@ Images and video frames each have their own `Blip2QFormerModel`, learned queries
 into the LLM; video adds learned frame-position embeddings. X-LLM shares the image Q-Former with
 video and trains only the video queries and projection; xllm gives video its own Q-Former
 (initialised from the image one at stage 2 video, see `init_video_from_image`) and trains its
-cross-attention too: through the frozen image Q-Former the toy-world demo model stayed at chance
+cross-attention too: through the frozen image Q-Former the toy-world model stayed at chance
 on the direction of motion (its cross-attention was trained to pool colour and shape, not place).
 """
 

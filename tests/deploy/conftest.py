@@ -38,11 +38,10 @@ def check_settings_env(monkeypatch) -> Callable[[dict[str, str | None], str], No
     pydantic-settings as the server does)."""
     from pydantic import ValidationError
 
-    from tests.deploy.helpers import settings_fields
-    from xllm.model.pretrained import HOME_ENV, INDEX_ENV, OFFLINE_ENV
+    from tests.deploy.helpers import environment_names
     from xllm.server.settings import Settings
 
-    fields = {*settings_fields(), HOME_ENV, INDEX_ENV, OFFLINE_ENV}
+    fields = environment_names()
 
     def check(env: dict[str, str | None], where: str) -> None:
         xllm_env = {k: v for k, v in env.items() if k.startswith("XLLM_")}

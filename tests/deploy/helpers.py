@@ -69,6 +69,13 @@ def settings_fields() -> dict[str, Any]:
     return {f"XLLM_{name.upper()}": info for name, info in Settings.model_fields.items()}
 
 
+def environment_names() -> set[str]:
+    """Every XLLM_* variable xllm reads: the server settings and the pretrained parts' cache."""
+    from xllm.model.pretrained import HOME_ENV, INDEX_ENV, OFFLINE_ENV
+
+    return {*settings_fields(), HOME_ENV, INDEX_ENV, OFFLINE_ENV}
+
+
 def setting_default(name: str) -> Any:
     return settings_fields()[name].default
 

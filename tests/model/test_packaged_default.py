@@ -4,7 +4,6 @@ parts are fetched by name on first use), and a clear answer where they cannot be
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ from tests.servers import ServerProcess, wait_until
 from xllm.model.checkpoint import default_model_dir
 from xllm.model.config import XLLMConfig
 from xllm.model.pretrained import COMPONENTS
-from xllm.model.recipes.default_model import SCALES, SHIPPED
+from xllm.model.recipes.default_model import SCALES, SHIPPED, base_config
 
 DEFAULT = Path(__file__).resolve().parents[2] / "model" / "default"
 
@@ -37,10 +36,10 @@ def test_the_default_is_the_recipes_interfaces_on_pinned_parts() -> None:
         }
     assert interfaces == {"image_interface", "video_interface", "speech_interface"}
     assert len(widths) == 1, widths
-    record = json.loads((DEFAULT / "recipe.json").read_text())
-    full = json.loads(json.dumps(asdict(SCALES["full"])))  # as JSON holds it
-    assert record["scale"] == full and record["seed"] == 0
-    assert {"parts", "data", "chain-vision", "chain-speech", "stage3"} <= set(record["phases"])
+    # the interfaces' shapes are exactly those the recipe's base phase configures
+    shipped = json.loads((DEFAULT / "xllm.json").read_text())
+    assert shipped == json.loads(json.dumps(base_config(SCALES["full"]).to_dict()))
+    assert isinstance(json.loads((DEFAULT / "recipe.json").read_text()), dict)
 
 
 def test_serve_without_model_offline_says_what_to_fetch(tmp_path: Path) -> None:

