@@ -44,7 +44,12 @@ class Settings(BaseSettings):
         None, ge=16, description="context per KV slot; default: the model's, at most 8192"
     )
     prefill_chunk: int = Field(512, ge=16, description="prompt positions per prefill step")
-    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="max_tokens when a request gives none; default: the model's own "
+        "(xllm.json sampling.max_tokens)",
+    )
     encoder_cache_mb: int = Field(256, ge=0, description="encoder output cache size in MB")
     prefix_cache: bool = Field(
         True,

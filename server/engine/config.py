@@ -30,7 +30,8 @@ class EngineConfig:
     # slots are preallocated (GLM-4-9B's 128k context x 32 slots would be ~170 GB of KV cache).
     max_model_len: int | None = None
     prefill_chunk: int = 512
-    default_max_tokens: int = 512
+    # max_tokens of a request that gives none; None: the model's own (xllm.json `sampling`)
+    default_max_tokens: int | None = None
     encoder_cache_mb: int = 256
     # Reuse the K/V of a prompt's prefix that a slot still holds (a finished or running
     # sequence's; server/engine/prefix_cache.py) instead of prefilling it again

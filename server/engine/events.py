@@ -21,7 +21,9 @@ class EngineRequest:
     messages: list[Message]
     media: list[PreparedMedia]
     params: SamplingParams
-    max_tokens_given: bool  # False: max_tokens = rest of the context, capped by the default
+    # False: max_tokens is the default (--default-max-tokens, else the model's), capped by the
+    # context
+    max_tokens_given: bool
     arrival: float = field(default_factory=time.monotonic)
     prompt: str | None = None  # raw text, no chat template (/v1/completions); messages unused
     # k: the prompt tokens' own logprobs (k alternatives each), in a PromptLogprobsEvent first

@@ -143,8 +143,10 @@ class ModelRunner:
         room = self.max_model_len - prompt_len
         if prompt_len == 0:
             return ErrorEvent("the prompt is empty", 400, "invalid_request_error")
-        if not request.max_tokens_given:
-            params.max_tokens = min(self.config.default_max_tokens, room)
+        if not request.max_tokens_given:  # params hold the model's default; the flag wins
+            if self.config.default_max_tokens is not None:
+                params.max_tokens = self.config.default_max_tokens
+            params.max_tokens = min(params.max_tokens, room)
         if room < 1 or params.max_tokens > room:
             return ErrorEvent(
                 f"the prompt has {prompt_len} tokens and max_tokens is {params.max_tokens}: "

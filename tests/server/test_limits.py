@@ -197,3 +197,34 @@ def test_request_timeout_also_bounds_media_decoding(tiny_model):
         finally:
             release.set()
             service._decode_one = original
+
+
+def test_max_tokens_left_open_is_the_models_default_unless_the_server_sets_one(
+    tiny_model_dir, tmp_path
+):
+    """xllm.json's sampling.max_tokens bounds a request that gives none; --default-max-tokens,
+    where set, wins over it; a request's own max_tokens wins over both."""
+    import json
+    import shutil
+
+    from xllm.model.checkpoint import load_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "xllm.json").read_text())
+    config["sampling"] = {**config.get("sampling", {}), "max_tokens": 5}
+    (model_dir / "xllm.json").write_text(json.dumps(config))
+    model = load_model(model_dir, device="cpu", dtype="float32")
+
+    def completion_tokens(server: InProcessServer, **form: str) -> int:
+        data = {"prompt": "hello", "ignore_eos": "true", **form}
+        r = httpx.post(f"{server.url}/chat", data=data, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["completion_tokens"]
+
+    with InProcessServer(model) as server:
+        assert completion_tokens(server) == 5
+        assert completion_tokens(server, max_tokens="9") == 9
+    with InProcessServer(model, default_max_tokens=7) as server:
+        assert completion_tokens(server) == 7
+        assert completion_tokens(server, max_tokens="3") == 3
