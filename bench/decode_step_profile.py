@@ -2,6 +2,7 @@
 """Where a batch-1 decode step's time goes on the CPU: the engine loop in process, one request.
 
     python bench/decode_step_profile.py --model DIR --threads 2 --dtype bfloat16
+    python bench/decode_step_profile.py --model DIR --threads 2 --llm-backend llamacpp
     py-spy record -r 500 -f raw -o prof.txt -- python bench/decode_step_profile.py --model DIR
     python bench/pyspy_summary.py prof.txt --top 40
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--llm-backend", choices=["torch", "llamacpp"], default="torch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -47,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from xllm.server.engine.worker import EngineLoop
 
     model = load_model(args.model, device="cpu", dtype=args.dtype)
-    config = EngineConfig(max_batch=1, max_model_len=1024, prefix_cache=False)
+    config = EngineConfig(
+        max_batch=1, max_model_len=1024, prefix_cache=False, llm_backend=args.llm_backend
+    )
     loop = EngineLoop(model, config)
     messages = bind_media([("user", "Write a long story about a red circle.")], [])
     params = SamplingParams(max_tokens=args.steps + 10, ignore_eos=True)
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     while not loop._prefill():
         pass
     runner, forward_times, step_times = loop.runner, [], []
-    inner = runner.decoder.__call__
+    inner = runner.slots.decode
 
     def timed_forward(*a, **k):
         start = time.perf_counter()
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         forward_times.append(time.perf_counter() - start)
         return out
 
-    runner.decoder = timed_forward  # type: ignore[assignment]
+    runner.slots.decode = timed_forward  # type: ignore[method-assign]
     for _ in range(args.steps):
         start = time.perf_counter()
         loop._decode()

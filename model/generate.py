@@ -4,6 +4,8 @@
   (model/kv_cache.py), one sequence or several of consecutive slots in one forward.
 - `SlotDecoder`: one decode step over the slot prefix [0, B), plain or compiled (torch.compile,
   bucketed static shapes, CUDA graphs).
+- `SlotLLM`: what the engine calls to run the frozen LLM over its KV slots; `TorchSlots` is
+  the two above over a `SlotKVCache`, `LlamaCppSlots` (model/llamacpp.py) the same on llama.cpp.
 - `generate`: the single-request loop built from these, `sample_next` (model/sampling.py) and a
   `SequenceState` (model/detokenize.py), used by the CLI; the server's scheduler drives the same
   functions for many sequences at once.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
@@ -246,6 +249,63 @@ class SlotDecoder:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
         logits = self._forward(self.llm, self.cache, row_tokens_t, row_positions_t, key_positions)
         return logits[inputs[2, : len(slots)]]  # a new tensor: a CUDA graph reuses its output
+
+
+class SlotLLM(Protocol):
+    """The frozen LLM over `num_slots` KV slots of `max_len` positions (the engine's contract
+    with whatever runs it). Logits come back as float32 tensors on the model's device."""
+
+    num_slots: int
+    max_len: int
+
+    @property
+    def bytes(self) -> int: ...
+
+    def prefill(
+        self,
+        first_slot: int,
+        chunks: Sequence[tuple[torch.Tensor, int]],
+        every_position: bool = False,
+    ) -> torch.Tensor: ...
+
+    def decode(
+        self, slots: Sequence[int], tokens: Sequence[int], lengths: Sequence[int]
+    ) -> torch.Tensor: ...
+
+    def move(self, source: int, target: int, length: int) -> None: ...
+
+    def exchange(self, a: int, b: int, length_a: int, length_b: int) -> None: ...
+
+
+class TorchSlots:
+    """`SlotLLM` in PyTorch: `prefill_rows` and a `SlotDecoder` over a `SlotKVCache`."""
+
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        num_slots: int,
+        max_len: int,
+        device: torch.device,
+        compile: CompileOptions | None = None,
+    ) -> None:
+        self.llm = llm
+        self.num_slots, self.max_len = num_slots, max_len
+        self.cache = SlotKVCache.for_model(llm, num_slots, max_len, device)
+        self.decode = SlotDecoder(llm, self.cache, compile)
+        self.move = self.cache.move
+        self.exchange = self.cache.exchange
+
+    @property
+    def bytes(self) -> int:
+        return self.cache.bytes
+
+    def prefill(
+        self,
+        first_slot: int,
+        chunks: Sequence[tuple[torch.Tensor, int]],
+        every_position: bool = False,
+    ) -> torch.Tensor:
+        return prefill_rows(self.llm, self.cache, first_slot, chunks, every_position)
 
 
 def decode_rows(

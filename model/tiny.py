@@ -8,6 +8,7 @@ WhisperEncoder, the C-Former) at toy width, with a real byte-level BPE tokenizer
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -15,6 +16,8 @@ from transformers import (
     Blip2VisionModel,
     GlmConfig,
     GlmForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     WhisperFeatureExtractor,
 )
@@ -123,6 +126,28 @@ def tiny_glm(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> GlmForC
     )
 
 
+def tiny_llama(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> LlamaForCausalLM:
+    """A random `LlamaForCausalLM` (the default model's LLM family) for a tokenizer from here:
+    what the llama.cpp backend runs."""
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_len,
+        pad_token_id=ids("<|endoftext|>"),
+        eos_token_id=[ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")],
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model
+
+
 def tiny_image_interface() -> QFormerInterfaceConfig:
     """A 2-layer, 32-wide Q-Former with 8 queries per image or video frame."""
     return QFormerInterfaceConfig(
@@ -145,14 +170,18 @@ def tiny_speech_interface(kind: str = "cformer") -> SpeechInterfaceConfig:
     )
 
 
-def init_tiny(out: str | Path, seed: int = 0, speech_interface: str = "cformer") -> Path:
+def init_tiny(
+    out: str | Path,
+    seed: int = 0,
+    speech_interface: str = "cformer",
+    llm: Literal["glm", "llama"] = "glm",
+) -> Path:
     """Write a tiny random model directory to `out` and return its path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = train_tokenizer()
-    llm = tiny_glm(tokenizer)
-    llm.save_pretrained(out / "llm")
+    (tiny_llama(tokenizer) if llm == "llama" else tiny_glm(tokenizer)).save_pretrained(out / "llm")
     tokenizer.save_pretrained(out / "llm")
 
     vision_config = tiny_vision_config()

@@ -46,12 +46,18 @@ async def start_model(runtime: Runtime, model: XLLM | None, executor: ThreadPool
             preparer = await asyncio.to_thread(MediaPreparer.from_pretrained, model_dir)
             if s.engine == "process":
                 spec = EngineSpec(
-                    model_dir, s.device, s.dtype, s.quantize, config, cpu_threads(s), s.log_format
+                    model_dir,
+                    s.device,
+                    s.dtype,
+                    s.torch_quantize,
+                    config,
+                    cpu_threads(s),
+                    s.log_format,
                 )
                 engine = EngineProcess(spec, runtime.metrics)
             else:
                 model = await asyncio.to_thread(
-                    load_model, model_dir, device=s.device, dtype=s.dtype, quantize=s.quantize
+                    load_model, model_dir, device=s.device, dtype=s.dtype, quantize=s.torch_quantize
                 )
                 engine = Engine(model, config, runtime.metrics)
         fetcher = RemoteMediaFetcher(s.allow_remote_media, s.max_upload_bytes)

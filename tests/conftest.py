@@ -101,6 +101,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a Llama LLM (the default model's family; what llama.cpp runs)."""
+    from xllm.model.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny-llama-model"), llm="llama")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):
     """The tiny model loaded on the CPU in float32. Shared: do not change its weights."""
     from xllm.model.checkpoint import load_model

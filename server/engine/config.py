@@ -8,10 +8,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from xllm.model.config import Quantize
 from xllm.model.kv_cache import kv_bytes_per_position
 
 if TYPE_CHECKING:
@@ -48,6 +49,11 @@ class EngineConfig:
     # CPU, CPU_KV_SHARE of the memory available at start-up; on CUDA, max_batch slots (or
     # gpu_memory_utilization's share).
     kv_cache_memory_bytes: int | None = None
+    # What runs the frozen LLM over the KV slots (model/generate.py `SlotLLM`): PyTorch on any
+    # device, or llama.cpp on the CPU (model/llamacpp.py), which writes its own copy of the
+    # weights quantized as llamacpp_quantize says (int8: Q8_0); PyTorch then loads it unquantized
+    llm_backend: Literal["torch", "llamacpp"] = "torch"
+    llamacpp_quantize: Quantize = "none"
 
 
 # A CPU server's default KV budget, as a share of MemAvailable: weights, activations, media and

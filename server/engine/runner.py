@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from xllm.model.config import ModelConfigError
 from xllm.model.detokenize import IncrementalDetokenizer, SequenceState, TokenBytes, eos_token_ids
-from xllm.model.generate import CompileOptions, SlotDecoder, prefill_rows
+from xllm.model.generate import CompileOptions, SlotLLM, TorchSlots
 from xllm.model.grammar import GrammarError, GrammarGuide
-from xllm.model.kv_cache import SlotKVCache
 from xllm.model.prompt import PromptLayout, renders_tools
 from xllm.model.sampling import Sampled, SampledLogprobs, make_generator, prompt_logprobs, sample
 from xllm.model.xllm import XLLM, EncodedMedia
@@ -85,13 +85,26 @@ class ModelRunner:
         self.config = config
         self.max_model_len = max_model_len
         self.observer = observer
-        self.cache = SlotKVCache.for_model(model.llm, config.max_batch, max_model_len, model.device)
-        self.decoder = SlotDecoder(model.llm, self.cache, self._compile_options(config))
+        self.slots = self._slot_llm(config, max_model_len)
         self.encoder_cache = EncoderCache(config.encoder_cache_mb * 2**20)
         self.eos = eos_token_ids(model.llm, model.tokenizer)
         self.token_bytes = TokenBytes(model.tokenizer)  # for logprobs
         vocab_size = model.llm.get_output_embeddings().weight.shape[0]  # the logits' width
         self.guide = GrammarGuide(model.tokenizer, vocab_size, self.eos)  # structured outputs
+
+    def _slot_llm(self, config: EngineConfig, max_model_len: int) -> SlotLLM:
+        """What runs the frozen LLM over the KV slots: PyTorch, or llama.cpp on the CPU."""
+        llm, slots = self.model.llm, config.max_batch
+        if config.llm_backend == "torch":
+            compile = self._compile_options(config)
+            return TorchSlots(llm, slots, max_model_len, self.model.device, compile)
+        from xllm.model.llamacpp import LlamaCppSlots, gguf_weights_for
+
+        if self.model.device.type != "cpu":
+            raise ModelConfigError("the llama.cpp backend runs on the CPU: add --device cpu")
+        weights = gguf_weights_for(llm.dtype, config.llamacpp_quantize)
+        threads = torch.get_num_threads()
+        return LlamaCppSlots(llm, slots, max_model_len, weights, threads, config.prefill_chunk)
 
     def _compile_options(self, config: EngineConfig) -> CompileOptions | None:
         device = self.model.device
@@ -184,15 +197,15 @@ class ModelRunner:
         """Compaction: the sequence's K/V follow it to its new slot; the first `held` positions
         of that slot (kept for prefix reuse) go to the old one."""
         if held:
-            self.cache.exchange(old_slot, sequence.slot, sequence.length, held)
+            self.slots.exchange(old_slot, sequence.slot, sequence.length, held)
             return
-        self.cache.move(old_slot, sequence.slot, sequence.length)
+        self.slots.move(old_slot, sequence.slot, sequence.length)
 
     def fork(self, sequence: Sequence, leader: Sequence) -> None:
         """A follower (another choice of the leader's prompt) starts where the leader's prompt
         ends: a copy of its K/V and of its settled parameters, with its own seed."""
         assert leader.state is not None
-        self.cache.move(leader.slot, sequence.slot, leader.length)
+        self.slots.move(leader.slot, sequence.slot, leader.length)
         params = replace(leader.state.params, seed=sequence.request.params.seed)
         sequence.request.params = params
         sequence.state = SequenceState(
@@ -210,7 +223,7 @@ class ModelRunner:
 
     def copy(self, copy: Copy) -> None:
         """Prefix reuse: K/V positions copied from one slot into another."""
-        self.cache.move(copy.source, copy.target, copy.length)
+        self.slots.move(copy.source, copy.target, copy.length)
 
     # --- forwards ---
     def prefill(self, run: list[PrefillChunk]) -> torch.Tensor:
@@ -224,9 +237,9 @@ class ModelRunner:
         first_slot = run[0].sequence.slot
         self.observer.prefill(sum(chunk.end - chunk.start for chunk in run))
         if run[0].sequence.scores_prompt:
-            every = prefill_rows(self.model.llm, self.cache, first_slot, pieces, True)
+            every = self.slots.prefill(first_slot, pieces, every_position=True)
             return self._score_prompt(run[0], every[0])
-        return prefill_rows(self.model.llm, self.cache, first_slot, pieces)
+        return self.slots.prefill(first_slot, pieces)
 
     def _score_prompt(self, chunk: PrefillChunk, logits: torch.Tensor) -> torch.Tensor:
         """Logprobs of the prompt tokens that the chunk [start, end) predicts (those at start +
@@ -244,7 +257,7 @@ class ModelRunner:
         """One decode step: each sequence's pending token written at its length; logits (B, V),
         those of constrained rows masked by their grammars. The masks are computed once the
         forward is launched (on CUDA its kernels run meanwhile; the decoder does not sync)."""
-        logits = self.decoder(
+        logits = self.slots.decode(
             [s.slot for s in batch],
             [s.next_token for s in batch],  # type: ignore[misc]
             [s.length for s in batch],

@@ -107,7 +107,7 @@ class EngineLoop:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self.runner.cache.bytes
+        return self.runner.slots.bytes
 
     @property
     def stalled_for(self) -> float:

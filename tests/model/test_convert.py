@@ -36,6 +36,7 @@ from transformers import (
 from xllm.model import pretrained
 from xllm.model.config import ModelConfigError
 from xllm.model.convert.ct2_whisper import convert_ct2_whisper, read_ct2_model
+from xllm.model.convert.gguf_export import llama_gguf_writer, write_gguf
 from xllm.model.convert.gguf_llm import convert_gguf_llm
 from xllm.model.convert.onnx_dinov2 import (
     blip2_vision_from_dinov2,
@@ -81,28 +82,10 @@ def _byte_level_vocab() -> tuple[list[str], list[str]]:
     return [*tokens, "<|endoftext|>", "<|im_start|>", "<|im_end|>"], merges
 
 
-def _permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> np.ndarray:
-    """llama.cpp's q/k row order: each head's rotary halves interleaved."""
-    out, inp = weight.shape
-    rows = weight.reshape(heads, 2, out // heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
-    return rows.numpy()
-
-
 def _write_gguf(path: Path, model: LlamaForCausalLM, tokens: list[str], merges: list[str]) -> None:
-    import gguf
-
-    c = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    """The model in float32 as llama.cpp's converter writes it (xllm's own GGUF writer, the
+    llama.cpp backend's), with a byte-level BPE vocabulary and a chat template."""
+    writer = llama_gguf_writer(model, path, "f32")
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     n_control = 3
@@ -111,20 +94,7 @@ def _write_gguf(path: Path, model: LlamaForCausalLM, tokens: list[str], merges: 
     writer.add_bos_token_id(tokens.index("<|im_start|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_chat_template(CHAT_TEMPLATE)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied: llama.cpp writes no output.weight
-        array = tensor.float().numpy()
-        if name.endswith("q_proj.weight"):
-            array = _permute_for_llama_cpp(tensor, c.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            array = _permute_for_llama_cpp(tensor, c.num_key_value_heads)
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(writer)
 
 
 def test_gguf_llm_converts_to_the_same_model(tmp_path: Path) -> None:

@@ -10,12 +10,11 @@ import torch
 
 from tests.server.faults import inject_faults
 from xllm.model.checkpoint import load_model
-from xllm.model.generate import generate, prefill_rows
+from xllm.model.generate import generate
 from xllm.model.kv_cache import kv_bytes_per_position
 from xllm.model.prompt import bind_media
 from xllm.model.sampling import SamplingParams
 from xllm.server.engine import config as engine_config
-from xllm.server.engine import runner as engine_runner
 from xllm.server.engine.admission import EngineFull
 from xllm.server.engine.config import EngineConfig, slots_for_memory
 from xllm.server.engine.contract import EngineObserver
@@ -126,8 +125,8 @@ def test_kv_slots_fit_the_share_of_gpu_memory():
 def test_gpu_memory_utilization_leaves_the_cpu_engine_alone(model, caplog):
     with caplog.at_level("INFO", logger="xllm.engine"):
         engine = Engine(model, EngineConfig(max_batch=3, gpu_memory_utilization=0.5))
-    assert engine.config.max_batch == 3 and engine.runner.cache.num_slots == 3
-    assert engine.runner.cache.bytes == 3 * engine.max_model_len * kv_bytes_per_position(model.llm)
+    assert engine.config.max_batch == 3 and engine.runner.slots.num_slots == 3
+    assert engine.runner.slots.bytes == 3 * engine.max_model_len * kv_bytes_per_position(model.llm)
     assert "does not apply on the CPU" in caplog.text
 
 
@@ -137,9 +136,9 @@ def test_kv_slots_fit_the_kv_memory_budget(model):
         model, EngineConfig(max_batch=8, max_model_len=64, kv_cache_memory_bytes=3 * slot)
     )
     assert (
-        engine.config.max_batch == engine.runner.cache.num_slots == 3
+        engine.config.max_batch == engine.runner.slots.num_slots == 3
     )  # whole slots in the budget
-    assert engine.runner.cache.bytes == 3 * slot
+    assert engine.runner.slots.bytes == 3 * slot
     with pytest.raises(ValueError, match="less than one slot"):
         Engine(model, EngineConfig(max_model_len=64, kv_cache_memory_bytes=slot - 1))
 
@@ -150,7 +149,7 @@ def test_the_cpu_default_kv_budget_is_a_share_of_available_memory(model, monkeyp
     monkeypatch.setattr(engine_config, "available_memory_bytes", lambda: available)
     with caplog.at_level("INFO", logger="xllm.engine"):
         engine = Engine(model, EngineConfig(max_batch=32, max_model_len=64))
-    assert engine.config.max_batch == engine.runner.cache.num_slots == 5
+    assert engine.config.max_batch == engine.runner.slots.num_slots == 5
     assert "KV cache sized from memory" in caplog.text
     roomy = Engine(model, EngineConfig(max_batch=4, max_model_len=64))
     assert roomy.config.max_batch == 4  # never more than max_batch
@@ -204,12 +203,13 @@ def test_engine_matches_single_request_generate(model, monkeypatch, prefill_chun
     prompts = [f"prompt number {i}" for i in range(5)]
     engine = Engine(model, EngineConfig(max_batch=4, max_queue=4, prefill_chunk=prefill_chunk))
     rows_per_prefill = []
+    prefill = engine.runner.slots.prefill
 
-    def counting(llm, cache, first_slot, chunks):
+    def counting(first_slot, chunks, every_position=False):
         rows_per_prefill.append(len(chunks))
-        return prefill_rows(llm, cache, first_slot, chunks)
+        return prefill(first_slot, chunks, every_position)
 
-    monkeypatch.setattr(engine_runner, "prefill_rows", counting)
+    monkeypatch.setattr(engine.runner.slots, "prefill", counting)
     results = asyncio.run(run_requests(engine, prompts, params, start=True))
     engine.shutdown()
     assert max(rows_per_prefill) == prefill_batch
@@ -385,7 +385,7 @@ def test_compiled_engine_decodes_the_same_tokens(model, tiny_model_dir, backend:
     engine = Engine(compiled_model, config)
     shapes: list[tuple[int, int]] = []
     moves: list = []
-    shape_for, compact = engine.runner.decoder.shape_for, engine.scheduler.compact
+    shape_for, compact = engine.runner.slots.decode.shape_for, engine.scheduler.compact
 
     def recording_shape_for(*args) -> tuple[int, int]:
         shapes.append(shape_for(*args))
@@ -396,10 +396,38 @@ def test_compiled_engine_decodes_the_same_tokens(model, tiny_model_dir, backend:
         moves.extend(done)
         return done
 
-    engine.runner.decoder.shape_for = recording_shape_for  # type: ignore[method-assign]
+    engine.runner.slots.decode.shape_for = recording_shape_for  # type: ignore[method-assign]
     engine.scheduler.compact = recording_compact  # type: ignore[method-assign]
     compiled = run(engine)
     assert compiled == plain
     assert [len(t) + 1 for t in plain] == max_tokens  # the last token comes with FinishEvent
     assert moves, "a request should have been moved into a lower slot"
     assert {rows for rows, _ in shapes} <= {1, 2, 4} and {kv for _, kv in shapes} == {256}
+
+
+def test_the_llamacpp_backend_decodes_the_torch_backends_tokens(tiny_llama_model_dir):
+    """The same staggered requests (slots freed and joined, compaction's moves, prefix copies
+    of the shared "prompt number" start) through llama.cpp and through PyTorch, both float32:
+    token for token the same."""
+    prompts = [f"prompt number {i}" for i in range(6)]
+    max_tokens = [2, 14, 3, 14, 4, 10]
+    model = load_model(tiny_llama_model_dir, device="cpu", dtype="float32")
+
+    def run(backend: str) -> tuple[list[list[int]], int, int]:
+        config = EngineConfig(max_batch=4, prefill_chunk=5, llm_backend=backend)  # type: ignore[arg-type]
+        engine = Engine(model, config)
+        engine.start()
+        try:
+            tokens = asyncio.run(run_each(engine, prompts, max_tokens))
+            return tokens, engine.kv_cache_bytes, engine.max_model_len
+        finally:
+            engine.shutdown()
+
+    torch_tokens, _, _ = run("torch")
+    llamacpp_tokens, kv_bytes, max_len = run("llamacpp")
+    assert llamacpp_tokens == torch_tokens
+    assert [len(t) + 1 for t in torch_tokens] == max_tokens
+    # float32 K/V of 4 slots and the exchange's spare, every layer
+    config = model.llm.config
+    per_position = config.num_hidden_layers * 2 * config.num_key_value_heads * 16 * 4
+    assert kv_bytes == 5 * max_len * per_position

@@ -314,7 +314,7 @@ def test_many_requests_through_few_slots_decode_the_same_with_and_without_reuse(
             tiny_model, EngineConfig(max_batch=3, prefill_chunk=7, prefix_cache=prefix_cache)
         )
         counts = {"copy": 0, "exchange": 0}
-        copy, exchange = engine.runner.copy, engine.runner.cache.exchange
+        copy, exchange = engine.runner.copy, engine.runner.slots.exchange
 
         def counting_copy(*args) -> None:  # prefix copies (not compaction's moves)
             counts["copy"] += 1
@@ -325,7 +325,7 @@ def test_many_requests_through_few_slots_decode_the_same_with_and_without_reuse(
             exchange(*args)
 
         engine.runner.copy = counting_copy  # type: ignore[method-assign]
-        engine.runner.cache.exchange = counting_exchange  # type: ignore[method-assign]
+        engine.runner.slots.exchange = counting_exchange  # type: ignore[method-assign]
         engine.start()
 
         async def waves() -> list[Reply]:

@@ -1,0 +1,223 @@
+"""`LlamaCppSlots`: the frozen LLM run by llama.cpp (through llama-cpp-python's C API) over the
+engine's KV slots, for CPU deployments.
+
+Why: a decode step of a small LLM in PyTorch eager is mostly per-module dispatch and unfused
+norm/rotary/attention glue around matmuls; llama.cpp runs the same step as one graph of fused
+CPU kernels. The X2L interfaces and encoders stay in PyTorch: prompts go in as embeddings
+(`llama_batch.embd`, as llama.cpp's own multimodal path does), generated tokens as ids. The
+weights are the HF model's, written to a GGUF once at start-up (model/convert/gguf_export.py).
+
+Slot s is llama.cpp sequence s, each in its own KV stream (`kv_unified = False`: a decode row
+attends only its own sequence's cells); one spare sequence holds K/V while two slots exchange
+theirs. llama.cpp requires each sequence's positions to grow by one, so every write at
+position p first drops the sequence's cells from p on: a reused slot never attends stale K/V.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from xllm.model.config import ModelConfigError
+from xllm.model.convert.gguf_export import GGUFWeights, write_llama_gguf
+
+log = logging.getLogger("xllm.llamacpp")
+
+INSTALL_HINT = "pip install 'xllm[llamacpp]' (it builds llama.cpp from source: gcc and cmake)"
+
+
+def import_llama_cpp() -> Any:
+    """llama-cpp-python's low-level module, or ModelConfigError saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ModelConfigError(
+            f"the llama.cpp backend needs llama-cpp-python: {INSTALL_HINT}"
+        ) from exc
+    return llama_cpp
+
+
+def gguf_weights_for(dtype: torch.dtype, quantize: str) -> GGUFWeights:
+    """The GGUF weight type that serves `--dtype`/`--quantize` on llama.cpp: the float types as
+    they are, int8 as Q8_0 (8-bit blocks of 32 with a scale); nf4 has no llama.cpp counterpart."""
+    if quantize == "int8":
+        return "q8_0"
+    if quantize != "none":
+        raise ModelConfigError(
+            f"the llama.cpp backend serves --quantize none or int8 (Q8_0), not '{quantize}'"
+        )
+    return {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+
+
+class LlamaCppSlots:
+    """`num_slots` sequences of up to `max_len` positions each; logits come back as float32
+    torch tensors, so sampling, grammars and logprobs are the same code as on the torch path."""
+
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        num_slots: int,
+        max_len: int,
+        weights: GGUFWeights,
+        threads: int,
+        max_tokens_per_call: int = 512,
+    ) -> None:
+        self._lib = lib = import_llama_cpp()
+        self.num_slots, self.max_len = num_slots, max_len
+        self.spare = num_slots  # the exchange's temporary sequence
+        if num_slots + 1 > lib.llama_max_parallel_sequences():
+            raise ModelConfigError(
+                f"the llama.cpp backend holds at most {lib.llama_max_parallel_sequences() - 1} "
+                f"sequences; lower --max-batch"
+            )
+        config = llm.config
+        self.n_embd = config.hidden_size
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        # K and V of every layer, per cell: f16 (llama.cpp's default), or f32 beside f32
+        # weights (float32 end to end: the torch path's numbers to float tolerance)
+        kv_f32 = weights == "f32"
+        kv_width = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
+        self._bytes_per_cell = kv_width * (4 if kv_f32 else 2)
+        self.vocab = llm.get_output_embeddings().weight.shape[0]
+        lib.llama_backend_init()
+        self._silence = lib.llama_log_callback(_log_llama_cpp)  # kept: C holds the pointer
+        lib.llama_log_set(self._silence, ctypes.c_void_p(0))
+        # The GGUF lives as long as the model maps it; /tmp, never the model directory
+        self._dir = tempfile.TemporaryDirectory(prefix="xllm-llamacpp-")
+        path = write_llama_gguf(llm, Path(self._dir.name) / "llm.gguf", weights)
+        self._model = lib.llama_model_load_from_file(
+            str(path).encode(), lib.llama_model_default_params()
+        )
+        if not self._model:
+            raise ModelConfigError(f"llama.cpp could not load the LLM written to {path}")
+        params = lib.llama_context_default_params()
+        params.n_ctx = (num_slots + 1) * max_len
+        params.n_seq_max = num_slots + 1
+        params.kv_unified = False
+        if kv_f32:
+            params.type_k = params.type_v = lib.GGML_TYPE_F32
+        # one call takes a prefill chunk or a decode step's rows
+        params.n_batch = params.n_ubatch = max(max_tokens_per_call, num_slots)
+        params.n_outputs_max_per_seq = params.n_batch  # a prompt's own logprobs: every position
+        params.n_threads = params.n_threads_batch = threads
+        self._ctx = lib.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise ModelConfigError("llama.cpp could not create a context for the KV slots")
+        self._memory = lib.llama_get_memory(self._ctx)
+        self.max_tokens_per_call = params.n_batch
+        self._tokens = lib.llama_batch_init(params.n_batch, 0, 1)
+        self._embeds = lib.llama_batch_init(params.n_batch, self.n_embd, 1)
+        weights_bytes = path.stat().st_size
+        log.info(
+            "llama.cpp backend ready",
+            extra={
+                "weights": weights,
+                "gguf_mb": round(weights_bytes / 2**20, 1),
+                "threads": threads,
+            },
+        )
+
+    @property
+    def bytes(self) -> int:
+        """The KV cache's size (all streams, the spare included)."""
+        return (self.num_slots + 1) * self.max_len * self._bytes_per_cell
+
+    # --- forwards ---
+    def prefill(
+        self,
+        first_slot: int,
+        chunks: Sequence[tuple[torch.Tensor, int]],
+        every_position: bool = False,
+    ) -> torch.Tensor:
+        """Chunk i = (embeds (q_i, H), start_i) written at start_i.. of slot first_slot + i.
+
+        Returns each row's logits after its last position, (B, V) float32; with every_position
+        (one chunk) those of all its positions, (1, q, V). Each chunk is one llama.cpp call.
+        """
+        assert not every_position or len(chunks) == 1, "every_position takes one chunk"
+        rows = []
+        for row, (embeds, start) in enumerate(chunks):
+            logits = self._prefill_chunk(first_slot + row, embeds, start, every_position)
+            rows.append(logits if every_position else logits[-1:])
+        if every_position:
+            return rows[0][None]
+        return torch.cat(rows)
+
+    def _prefill_chunk(
+        self, seq: int, embeds: torch.Tensor, start: int, every_position: bool
+    ) -> torch.Tensor:
+        n = embeds.shape[0]
+        assert n <= self.max_tokens_per_call, "a prefill chunk is at most max_tokens_per_call"
+        batch = self._embeds
+        host = np.ascontiguousarray(embeds.detach().float().cpu().numpy())  # (q, H)
+        ctypes.memmove(batch.embd, host.ctypes.data, host.nbytes)
+        for i in range(n):
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = every_position or i == n - 1
+        batch.n_tokens = n
+        self._lib.llama_memory_seq_rm(self._memory, seq, start, -1)
+        return self._run(batch, n if every_position else 1)
+
+    def decode(
+        self, slots: Sequence[int], tokens: Sequence[int], lengths: Sequence[int]
+    ) -> torch.Tensor:
+        """Write tokens[i] at position lengths[i] of slot slots[i]; logits (len(slots), V)."""
+        batch = self._tokens
+        for i, (slot, token, length) in enumerate(zip(slots, tokens, lengths, strict=True)):
+            batch.token[i] = token
+            batch.pos[i] = length
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot
+            batch.logits[i] = True
+        batch.n_tokens = len(slots)
+        return self._run(batch, len(slots))
+
+    def _run(self, batch: Any, outputs: int) -> torch.Tensor:
+        status = self._lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama.cpp's decode failed (status {status})")
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits(self._ctx), (outputs, self.vocab))
+        return torch.from_numpy(logits.copy())  # llama.cpp reuses its buffer on the next call
+
+    # --- K/V between slots ---
+    def move(self, source: int, target: int, length: int) -> None:
+        """Positions [0, length) of `source` become `target`'s whole K/V."""
+        # Between KV streams llama.cpp copies whole sequences only: copy, then cut the tail.
+        self._lib.llama_memory_seq_rm(self._memory, target, -1, -1)
+        self._lib.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        self._lib.llama_memory_seq_rm(self._memory, target, length, -1)
+
+    def exchange(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Slot a's first length_a positions go to b and b's first length_b to a."""
+        self.move(a, self.spare, length_a)
+        self.move(b, a, length_b)
+        self.move(self.spare, b, length_a)
+        self._lib.llama_memory_seq_rm(self._memory, self.spare, -1, -1)
+
+    def close(self) -> None:
+        lib = self._lib
+        lib.llama_batch_free(self._tokens)
+        lib.llama_batch_free(self._embeds)
+        lib.llama_free(self._ctx)
+        lib.llama_model_free(self._model)
+        self._dir.cleanup()
+
+
+def _log_llama_cpp(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp's own log lines: its errors and warnings to ours, its chatter dropped."""
+    if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+        message = text.decode(errors="replace").rstrip()
+        if message:
+            log.log(logging.ERROR if level == 4 else logging.WARNING, "llama.cpp: %s", message)
