@@ -1,7 +1,7 @@
 """Decoding as small functions over explicit state (in the spirit of gpt-fast).
 
-- `forward_step` / `prefill_rows`: prompt chunks written into their slots of a `SlotKVCache`
-  (model/kv_cache.py), one sequence or several of consecutive slots in one forward.
+- `prefill_rows`: prompt chunks written into their slots of a `SlotKVCache` (model/kv_cache.py),
+  one sequence or several of consecutive slots in one forward.
 - `SlotDecoder`: one decode step over the slot prefix [0, B), plain or compiled (torch.compile,
   bucketed static shapes, CUDA graphs).
 - `SlotLLM`: what the engine calls to run the frozen LLM over its KV slots; `TorchSlots` is
@@ -63,17 +63,6 @@ def forward_rows(
         logits_to_keep=0 if every_position else 1,  # 0: all
     )
     return out.logits.float() if every_position else out.logits[:, -1].float()
-
-
-@torch.inference_mode()
-def forward_step(
-    llm: PreTrainedModel, cache: SlotKVCache, embeds: torch.Tensor, slot: int, start: int
-) -> torch.Tensor:
-    """One sequence's embeds (1, q, H) written at positions start.. start + q - 1 of `slot`.
-
-    Returns the logits after its last position, (1, V) in float32.
-    """
-    return prefill_rows(llm, cache, slot, [(embeds[0], start)])
 
 
 def prefill_rows(
@@ -336,17 +325,18 @@ def generate(
     params: SamplingParams,
     *,
     prefill_chunk: int = 512,
+    slots: SlotLLM | None = None,
 ) -> Iterator[Delta]:
-    """Stream one reply for prompt embeddings (L, H), one token at a time."""
+    """Stream one reply for prompt embeddings (L, H), one token at a time, in slot 0 of `slots`
+    (default: a PyTorch slot of the prompt's and reply's length)."""
     params.validate()
-    device = prompt_embeds.device
     prompt_len = prompt_embeds.shape[0]
-    cache = SlotKVCache.for_model(llm, 1, prompt_len + params.max_tokens, device)
-    logits = prefill(llm, cache, prompt_embeds, 0, prefill_chunk)
+    if slots is None:
+        slots = TorchSlots(llm, 1, prompt_len + params.max_tokens, prompt_embeds.device)
+    logits = prefill(slots, prompt_embeds, 0, prefill_chunk)
     eos = eos_token_ids(llm, tokenizer)
     state = SequenceState(params, eos, IncrementalDetokenizer(tokenizer))
     generator = make_generator(params.seed)
-    embed = llm.get_input_embeddings()
     position = prompt_len
     while True:
         token = sample_next(logits, [params], [state.tokens], [generator], sorted(eos))[0]
@@ -354,22 +344,15 @@ def generate(
         yield Delta(text, token, state.finish_reason)
         if state.finish_reason is not None:
             return
-        step = embed(torch.tensor([[token]], device=device))
-        logits = forward_step(llm, cache, step, 0, position)
+        logits = slots.decode([0], [token], [position])
         position += 1
 
 
-def prefill(
-    llm: PreTrainedModel,
-    cache: SlotKVCache,
-    prompt_embeds: torch.Tensor,
-    slot: int,
-    chunk: int,
-) -> torch.Tensor:
+@torch.inference_mode()
+def prefill(slots: SlotLLM, prompt_embeds: torch.Tensor, slot: int, chunk: int) -> torch.Tensor:
     """Write a whole prompt (L, H) into a slot in chunks; logits after its last token, (1, V)."""
     logits = None
     for start in range(0, prompt_embeds.shape[0], chunk):
-        piece = prompt_embeds[start : start + chunk][None]
-        logits = forward_step(llm, cache, piece, slot, start)
+        logits = slots.prefill(slot, [(prompt_embeds[start : start + chunk], start)])
     assert logits is not None, "empty prompt"
     return logits

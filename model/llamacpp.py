@@ -106,7 +106,7 @@ class LlamaCppSlots:
         params.kv_unified = False
         if kv_f32:
             params.type_k = params.type_v = lib.GGML_TYPE_F32
-        # one call takes a prefill chunk or a decode step's rows
+        # one call takes an iteration's prefill chunks (the scheduler's budget) or decode rows
         params.n_batch = params.n_ubatch = max(max_tokens_per_call, num_slots)
         params.n_outputs_max_per_seq = params.n_batch  # a prompt's own logprobs: every position
         params.n_threads = params.n_threads_batch = threads
@@ -117,6 +117,7 @@ class LlamaCppSlots:
         self.max_tokens_per_call = params.n_batch
         self._tokens = lib.llama_batch_init(params.n_batch, 0, 1)
         self._embeds = lib.llama_batch_init(params.n_batch, self.n_embd, 1)
+        self._state = bytearray()  # a sequence's K/V in transit between slots (move)
         weights_bytes = path.stat().st_size
         log.info(
             "llama.cpp backend ready",
@@ -142,33 +143,45 @@ class LlamaCppSlots:
         """Chunk i = (embeds (q_i, H), start_i) written at start_i.. of slot first_slot + i.
 
         Returns each row's logits after its last position, (B, V) float32; with every_position
-        (one chunk) those of all its positions, (1, q, V). Each chunk is one llama.cpp call.
+        (one chunk) those of all its positions, (1, q, V). The chunks go to llama.cpp together
+        (a prompt's prefill is compute-bound: one call for many short prompts reads the weights
+        once), in as few calls as max_tokens_per_call allows.
         """
         assert not every_position or len(chunks) == 1, "every_position takes one chunk"
-        rows = []
+        rows, group, total = [], [], 0
         for row, (embeds, start) in enumerate(chunks):
-            logits = self._prefill_chunk(first_slot + row, embeds, start, every_position)
-            rows.append(logits if every_position else logits[-1:])
-        if every_position:
-            return rows[0][None]
-        return torch.cat(rows)
+            if group and total + embeds.shape[0] > self.max_tokens_per_call:
+                rows.append(self._prefill_group(group, every_position))
+                group, total = [], 0
+            group.append((first_slot + row, embeds, start))
+            total += embeds.shape[0]
+        rows.append(self._prefill_group(group, every_position))
+        logits = torch.cat(rows)
+        return logits[None] if every_position else logits
 
-    def _prefill_chunk(
-        self, seq: int, embeds: torch.Tensor, start: int, every_position: bool
+    def _prefill_group(
+        self, group: list[tuple[int, torch.Tensor, int]], every_position: bool
     ) -> torch.Tensor:
-        n = embeds.shape[0]
-        assert n <= self.max_tokens_per_call, "a prefill chunk is at most max_tokens_per_call"
+        """One llama.cpp call for (sequence, embeds (q, H), start) chunks; the logits of each
+        chunk's last position (or of every position), in order."""
         batch = self._embeds
-        host = np.ascontiguousarray(embeds.detach().float().cpu().numpy())  # (q, H)
+        host = np.ascontiguousarray(
+            torch.cat([embeds for _, embeds, _ in group]).detach().float().cpu().numpy()
+        )  # (sum q, H)
+        assert host.shape[0] <= self.max_tokens_per_call, "a chunk is at most max_tokens_per_call"
         ctypes.memmove(batch.embd, host.ctypes.data, host.nbytes)
-        for i in range(n):
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = every_position or i == n - 1
-        batch.n_tokens = n
-        self._lib.llama_memory_seq_rm(self._memory, seq, start, -1)
-        return self._run(batch, n if every_position else 1)
+        i = 0
+        for seq, embeds, start in group:
+            n = embeds.shape[0]
+            for j in range(n):
+                batch.pos[i] = start + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = every_position or j == n - 1
+                i += 1
+            self._lib.llama_memory_seq_rm(self._memory, seq, start, -1)
+        batch.n_tokens = i
+        return self._run(batch, i if every_position else len(group))
 
     def decode(
         self, slots: Sequence[int], tokens: Sequence[int], lengths: Sequence[int]
@@ -194,10 +207,20 @@ class LlamaCppSlots:
     # --- K/V between slots ---
     def move(self, source: int, target: int, length: int) -> None:
         """Positions [0, length) of `source` become `target`'s whole K/V."""
-        # Between KV streams llama.cpp copies whole sequences only: copy, then cut the tail.
-        self._lib.llama_memory_seq_rm(self._memory, target, -1, -1)
-        self._lib.llama_memory_seq_cp(self._memory, source, target, -1, -1)
-        self._lib.llama_memory_seq_rm(self._memory, target, length, -1)
+        # Between KV streams llama.cpp's seq_cp copies a whole stream (max_len cells, ~190 MB
+        # for SmolLM2 at 8192); the sequence's own state holds only the cells it uses.
+        lib, ctx = self._lib, self._ctx
+        lib.llama_memory_seq_rm(self._memory, target, -1, -1)
+        if length == 0:
+            return
+        size = lib.llama_state_seq_get_size(ctx, source)
+        if len(self._state) < size:
+            self._state = bytearray(size)
+        state = (ctypes.c_uint8 * size).from_buffer(self._state)
+        lib.llama_state_seq_get_data(ctx, state, size, source)
+        if lib.llama_state_seq_set_data(ctx, state, size, target) != size:
+            raise RuntimeError(f"llama.cpp could not copy sequence {source} into {target}")
+        lib.llama_memory_seq_rm(self._memory, target, length, -1)
 
     def exchange(self, a: int, b: int, length_a: int, length_b: int) -> None:
         """Slot a's first length_a positions go to b and b's first length_b to a."""

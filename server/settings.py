@@ -96,7 +96,8 @@ class Settings(BaseSettings):
         "torch",
         description="what runs the frozen LLM: PyTorch (any device), or llama.cpp on the CPU "
         "(a several times faster decode step; needs pip install 'xllm[llamacpp]'; Llama-"
-        "architecture LLMs; --quantize int8 becomes llama.cpp's Q8_0, nf4 does not apply)",
+        "architecture LLMs; --dtype auto is bfloat16 there; --quantize int8 becomes llama.cpp's "
+        "Q8_0, nf4 does not apply)",
     )
     compile: bool | None = Field(
         None,
@@ -143,6 +144,8 @@ class Settings(BaseSettings):
             if self.device == "cuda":
                 raise ValueError("--llm-backend llamacpp runs on the CPU: use --device cpu")
             self.device = "cpu"  # also where "auto" would pick a GPU
+            if self.dtype == "auto":  # bf16 weights: half the bytes a decode step reads
+                self.dtype = "bfloat16"
             if self.quantize == "nf4":
                 raise ValueError("--llm-backend llamacpp takes --quantize none or int8 (Q8_0)")
         return self

@@ -9,7 +9,7 @@ import torch
 
 from xllm.model.checkpoint import load_model
 from xllm.model.detokenize import IncrementalDetokenizer, SequenceState, eos_token_ids
-from xllm.model.generate import CompileOptions, SlotDecoder, generate, prefill
+from xllm.model.generate import CompileOptions, TorchSlots, generate, prefill
 from xllm.model.kv_cache import SlotKVCache
 from xllm.model.sampling import SamplingParams, sample_next, sampling_params
 from xllm.model.xllm import PromptEmbeddings
@@ -111,8 +111,8 @@ def test_slot_batch_equals_hf_generate_per_prompt(
     if compile is not None:  # compiling switches the model's attention: not the shared one
         llm = load_model(tiny_model_dir, device="cpu", dtype="float32").llm
     eos = sorted(eos_token_ids(llm, tiny_model.tokenizer))
-    cache = SlotKVCache.for_model(llm, num_slots=4, max_len=1024, device=device)
-    decoder = SlotDecoder(llm, cache, compile)
+    slots = TorchSlots(llm, num_slots=4, max_len=1024, device=device, compile=compile)
+    decoder = slots.decode
     shapes = set()
 
     slot_of = {0: 2, 1: 0, 2: 0}  # prompt C (2) reuses prompt B's (1) slot after B is done
@@ -120,7 +120,7 @@ def test_slot_batch_equals_hf_generate_per_prompt(
     logits: dict[int, torch.Tensor] = {}
 
     def join(i: int) -> None:
-        logits[i] = prefill(llm, cache, prompts[i], slot_of[i], chunk=16)
+        logits[i] = prefill(slots, prompts[i], slot_of[i], chunk=16)
         tokens[i] = []
 
     def step() -> list[int]:
@@ -134,10 +134,10 @@ def test_slot_batch_equals_hf_generate_per_prompt(
         )
         for i, t in zip(running, new, strict=True):
             tokens[i].append(t)
-        slots = [slot_of[i] for i in running]
+        held = [slot_of[i] for i in running]
         lengths = [prompts[i].shape[0] + len(tokens[i]) - 1 for i in running]
-        shapes.add(decoder.shape_for(slots, lengths))
-        out = decoder(slots, new, lengths)
+        shapes.add(decoder.shape_for(held, lengths))
+        out = decoder(held, new, lengths)
         for row, i in enumerate(running):
             logits[i] = out[row : row + 1]
         return running
@@ -188,9 +188,9 @@ def test_cache_update_writes_in_place_and_returns_views() -> None:
 def test_decode_step_reads_nothing_back_from_the_device(tiny_model, prompts, monkeypatch) -> None:
     """Lengths come from the host: a step never waits for the device (CUDA graphs need that)."""
     llm = tiny_model.llm
-    cache = SlotKVCache.for_model(llm, num_slots=2, max_len=128, device=tiny_model.device)
-    prefill(llm, cache, prompts[2], 1, chunk=16)
-    decoder = SlotDecoder(llm, cache)
+    slots = TorchSlots(llm, num_slots=2, max_len=128, device=tiny_model.device)
+    prefill(slots, prompts[2], 1, chunk=16)
+    decoder = slots.decode
 
     def host_sync(*args, **kwargs):
         raise AssertionError("the decode step read a value back from the device")

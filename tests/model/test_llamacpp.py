@@ -45,6 +45,11 @@ def test_prefill_and_batched_decode_give_the_torch_logits(tiny_llama_model: XLLM
     got = llamacpp.prefill(1, chunks)
     assert got.shape == expected.shape == (3, tiny_llama_model.llm.config.vocab_size)
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+    # calls that hold one prompt each: the same logits as the one call for all three
+    longest = max(e.shape[0] for e in embeds)
+    one_each = LlamaCppSlots(tiny_llama_model.llm, 4, 96, "f32", 1, max_tokens_per_call=longest)
+    torch.testing.assert_close(one_each.prefill(1, chunks), got, atol=1e-5, rtol=1e-5)
+    one_each.close()
 
     slots, lengths = [1, 2, 3], [e.shape[0] for e in embeds]
     tokens = expected.argmax(-1).tolist()

@@ -40,3 +40,21 @@ def test_flags_become_settings_and_bad_values_are_user_errors(monkeypatch):
     assert settings.cors_origins == ["a", "b"]
     with pytest.raises(UserError, match="max_batch"):
         settings_from_args(build_parser().parse_args(["serve", "--max-batch", "0"]))
+
+
+def test_the_llamacpp_backend_settles_device_dtype_and_quantization():
+    def settings(*flags: str) -> Settings:
+        return settings_from_args(build_parser().parse_args(["serve", *flags]))
+
+    chosen = settings("--llm-backend", "llamacpp", "--quantize", "int8")
+    assert (chosen.device, chosen.dtype, chosen.torch_quantize) == ("cpu", "bfloat16", "none")
+    config = chosen.engine_config()
+    assert (config.llm_backend, config.llamacpp_quantize) == ("llamacpp", "int8")
+    exact = settings("--llm-backend", "llamacpp", "--dtype", "float32")
+    assert exact.dtype == "float32" and exact.engine_config().llamacpp_quantize == "none"
+    plain = settings("--quantize", "int8")  # PyTorch quantizes where it runs the LLM
+    assert (plain.dtype, plain.torch_quantize) == ("auto", "int8")
+    assert plain.engine_config().llamacpp_quantize == "none"
+    for wrong, message in (("--device", "cuda"), "CPU"), (("--quantize", "nf4"), "none or int8"):
+        with pytest.raises(UserError, match=message):
+            settings("--llm-backend", "llamacpp", *wrong)
