@@ -92,14 +92,16 @@ class LlamaCppSlots:
         lib.llama_backend_init()
         self._silence = lib.llama_log_callback(_log_llama_cpp)  # kept: C holds the pointer
         lib.llama_log_set(self._silence, ctypes.c_void_p(0))
-        # The GGUF lives as long as the model maps it; /tmp, never the model directory
-        self._dir = tempfile.TemporaryDirectory(prefix="xllm-llamacpp-")
-        path = write_llama_gguf(llm, Path(self._dir.name) / "llm.gguf", weights)
-        self._model = lib.llama_model_load_from_file(
-            str(path).encode(), lib.llama_model_default_params()
-        )
+        # Written to /tmp, never the model directory, and gone once llama.cpp has mapped it
+        # (a mapping outlives its file's name): a killed server leaves no 270 MB behind
+        with tempfile.TemporaryDirectory(prefix="xllm-llamacpp-") as directory:
+            path = write_llama_gguf(llm, Path(directory) / "llm.gguf", weights)
+            gguf_bytes = path.stat().st_size
+            self._model = lib.llama_model_load_from_file(
+                str(path).encode(), lib.llama_model_default_params()
+            )
         if not self._model:
-            raise ModelConfigError(f"llama.cpp could not load the LLM written to {path}")
+            raise ModelConfigError("llama.cpp could not load the LLM's GGUF")
         params = lib.llama_context_default_params()
         params.n_ctx = (num_slots + 1) * max_len
         params.n_seq_max = num_slots + 1
@@ -118,12 +120,11 @@ class LlamaCppSlots:
         self._tokens = lib.llama_batch_init(params.n_batch, 0, 1)
         self._embeds = lib.llama_batch_init(params.n_batch, self.n_embd, 1)
         self._state = bytearray()  # a sequence's K/V in transit between slots (move)
-        weights_bytes = path.stat().st_size
         log.info(
             "llama.cpp backend ready",
             extra={
                 "weights": weights,
-                "gguf_mb": round(weights_bytes / 2**20, 1),
+                "gguf_mb": round(gguf_bytes / 2**20, 1),
                 "threads": threads,
             },
         )
@@ -235,7 +236,6 @@ class LlamaCppSlots:
         lib.llama_batch_free(self._embeds)
         lib.llama_free(self._ctx)
         lib.llama_model_free(self._model)
-        self._dir.cleanup()
 
 
 def _log_llama_cpp(level: int, text: bytes, user_data: Any) -> None:

@@ -142,3 +142,15 @@ def test_the_written_gguf_has_no_vocabulary_and_llama_cpp_names(
     assert "output.weight" not in names  # tied embeddings: llama.cpp reuses token_embd
     assert names["blk.1.attn_q.weight"] == gguf.GGMLQuantizationType.BF16
     assert names["blk.1.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+def test_no_gguf_file_outlives_the_start(tiny_llama_model: XLLM, tmp_path: Path, monkeypatch):
+    """llama.cpp maps the GGUF; its name is gone at once, so a killed server leaves no file."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    slots = LlamaCppSlots(tiny_llama_model.llm, 1, 64, "bf16", threads=1)
+    assert list(tmp_path.iterdir()) == []
+    embeds = prompt(tiny_llama_model, PROMPTS[0])
+    assert torch.isfinite(slots.prefill(0, [(embeds, 0)])).all()  # the mapping still serves
+    slots.close()
