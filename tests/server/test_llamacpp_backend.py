@@ -83,3 +83,27 @@ def test_backend_flags_a_user_gets_wrong_exit_2(flags, message, tiny_llama_model
     )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_llamacpp_keeps_structured_outputs(servers) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"shape": {"enum": ["circle", "square"]}},
+        "required": ["shape"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": "x",
+        "messages": [{"role": "user", "content": "Describe the picture as JSON."}],
+        "max_tokens": 40,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+
+    def content(server: ServerProcess) -> str:
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    got = content(servers["llamacpp"])
+    assert got == content(servers["torch"])
+    assert json.loads(got)["shape"] in ("circle", "square")  # the grammar held on llama.cpp
