@@ -122,6 +122,7 @@ def build_model(tiny: bool, device, dtype, ctx: int):
         tiny_image_interface,
         tiny_speech_interface,
         train_tokenizer,
+        with_stop_ids,
     )
     from xllm.model.xllm import XLLM
 
@@ -170,9 +171,7 @@ def build_model(tiny: bool, device, dtype, ctx: int):
         llm = GlmForCausalLM._from_config(glm_config, dtype=dtype)
         vision_model = Blip2VisionModel._from_config(vision_config, dtype=encoder_dtype)
         whisper = WhisperEncoder._from_config(whisper_config, dtype=encoder_dtype)
-    llm.eval().requires_grad_(False)
-    llm.generation_config.eos_token_id = glm_config.eos_token_id
-    llm.generation_config.pad_token_id = glm_config.pad_token_id
+    with_stop_ids(llm.eval().requires_grad_(False))
     size = vision_config.image_size
     vision = VisionEncoder(
         vision_model.eval().requires_grad_(False),

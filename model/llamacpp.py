@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 
 from xllm.model.config import ModelConfigError
 from xllm.model.convert.gguf_export import GGUFWeights, write_llama_gguf
+from xllm.model.kv_cache import kv_shape
 
 log = logging.getLogger("xllm.llamacpp")
 
@@ -78,16 +79,12 @@ class LlamaCppSlots:
                 f"the llama.cpp backend holds at most {lib.llama_max_parallel_sequences() - 1} "
                 f"sequences; lower --max-batch"
             )
-        config = llm.config
-        self.n_embd = config.hidden_size
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
+        self.n_embd = llm.config.hidden_size
         # K and V of every layer, per cell: f16 (llama.cpp's default), or f32 beside f32
         # weights (float32 end to end: the torch path's numbers to float tolerance)
         kv_f32 = weights == "f32"
-        kv_width = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
-        self._bytes_per_cell = kv_width * (4 if kv_f32 else 2)
+        layers, kv_heads, head_dim = kv_shape(llm)
+        self._bytes_per_cell = 2 * layers * kv_heads * head_dim * (4 if kv_f32 else 2)
         self.vocab = llm.get_output_embeddings().weight.shape[0]
         lib.llama_backend_init()
         self._silence = lib.llama_log_callback(_log_llama_cpp)  # kept: C holds the pointer

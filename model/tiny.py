@@ -8,7 +8,7 @@ WhisperEncoder, the C-Former) at toy width, with a real byte-level BPE tokenizer
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,6 +18,7 @@ from transformers import (
     GlmForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     WhisperFeatureExtractor,
 )
@@ -86,6 +87,26 @@ def train_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return fast
 
 
+CausalLM = TypeVar("CausalLM", bound=PreTrainedModel)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int | list[int]]:
+    """pad and eos ids of a tokenizer from here, as config kwargs: GLM-4 stops on
+    <|endoftext|>, <|user|> (the next turn) and <|observation|>."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "pad_token_id": ids("<|endoftext|>"),
+        "eos_token_id": [ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")],
+    }
+
+
+def with_stop_ids(model: CausalLM) -> CausalLM:
+    """`generate` stops where the model's config says (HF reads generation_config)."""
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    return model
+
+
 def glm_for_tokenizer(
     tokenizer: PreTrainedTokenizerFast,
     *,
@@ -97,7 +118,6 @@ def glm_for_tokenizer(
     max_len: int = 2048,
 ) -> GlmForCausalLM:
     """A random `GlmForCausalLM` in GLM-4's layout, sized freely, for a tokenizer from here."""
-    ids = tokenizer.convert_tokens_to_ids
     config = GlmConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -109,15 +129,10 @@ def glm_for_tokenizer(
         partial_rotary_factor=0.5,
         attention_bias=True,
         max_position_embeddings=max_len,
-        pad_token_id=ids("<|endoftext|>"),
-        # GLM-4 stops on <|endoftext|>, <|user|> (the next turn) and <|observation|>.
-        eos_token_id=[ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")],
         tie_word_embeddings=False,
+        **stop_token_ids(tokenizer),
     )
-    model = GlmForCausalLM(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    return model
+    return with_stop_ids(GlmForCausalLM(config))
 
 
 def tiny_glm(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> GlmForCausalLM:
@@ -129,7 +144,6 @@ def tiny_glm(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> GlmForC
 def tiny_llama(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> LlamaForCausalLM:
     """A random `LlamaForCausalLM` (the default model's LLM family) for a tokenizer from here:
     what the llama.cpp backend runs."""
-    ids = tokenizer.convert_tokens_to_ids
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -138,14 +152,10 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, max_len: int = 2048) -> Llama
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_len,
-        pad_token_id=ids("<|endoftext|>"),
-        eos_token_id=[ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")],
         tie_word_embeddings=True,
+        **stop_token_ids(tokenizer),
     )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    return model
+    return with_stop_ids(LlamaForCausalLM(config))
 
 
 def tiny_image_interface() -> QFormerInterfaceConfig:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from xllm.model.config import ModelConfigError
+from xllm.model.kv_cache import kv_shape
 
 if TYPE_CHECKING:
     import gguf
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 # Weight types of the written matrices (norms stay float32, as llama.cpp's converter keeps them)
 GGUFWeights = Literal["f32", "f16", "bf16", "q8_0"]
-GGUF_WEIGHTS: tuple[GGUFWeights, ...] = ("f32", "f16", "bf16", "q8_0")
 
 
 def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -53,8 +53,8 @@ def llama_gguf_writer(llm: PreTrainedModel, path: Path, weights: GGUFWeights) ->
             "the llama.cpp backend writes plain Llama models (default rotary embeddings, no "
             "biases); serve this LLM with --llm-backend torch"
         )
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads = config.num_attention_heads
+    _, kv_heads, head_dim = kv_shape(llm)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
