@@ -11,6 +11,8 @@
     published   those figures, with their sources
     pack        `xllm eval pack`: the offline toy-world benchmark pack
     importers   `xllm eval import`: LibriSpeech, AISHELL, Kaldi, LLaVA-Bench -> manifests
+    real_speech `xllm eval import --format real-speech`: 24 real English speech clips rebuilt
+                from pinned PyPI/Debian archives
     cli         the `xllm eval` command
 
 See docs/EVALUATION.md.

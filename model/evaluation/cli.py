@@ -4,6 +4,7 @@
     xllm eval --task all --data pack/ --url http://127.0.0.1:8000 --judge-url URL --judge-model M
     xllm eval pack --out pack --n 300 --seed 0
     xllm eval import --format librispeech --root LibriSpeech/test-clean --out test-clean.jsonl
+    xllm eval import --format real-speech --out real-speech/speech_real.jsonl
 
 Heavy imports (torch, the model) stay inside the handlers.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from xllm.model.config import QUANTIZE_CHOICES
 
 TASK_NAMES = ("asr", "masr", "vqa", "caption", "direction", "relative-score")
-IMPORT_FORMATS = ("librispeech", "aishell", "kaldi", "llava-bench")
+IMPORT_FORMATS = ("librispeech", "aishell", "kaldi", "llava-bench", "real-speech")
 
 
 def _task_list(value: str) -> list[str]:
@@ -39,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run evaluation tasks on a manifest or a pack folder, in-process (--model) "
         "or against any OpenAI-compatible server (--url). Writes a JSON report, a Markdown "
         "table and the per-row predictions. Tools: `xllm eval pack` (the offline toy pack), "
-        "`xllm eval import` (LibriSpeech, AISHELL, Kaldi, LLaVA-Bench -> manifests).",
+        "`xllm eval import` (LibriSpeech, AISHELL, Kaldi, LLaVA-Bench -> manifests; "
+        "real-speech: real English speech rebuilt from pinned PyPI/Debian packages).",
         # no prefix matching: the tools' flags (pack --n) must not be read as this parser's
         allow_abbrev=False,
     )
@@ -60,9 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--format", required=True, choices=IMPORT_FORMATS)
     imp.add_argument(
         "--root",
-        required=True,
         type=Path,
-        help="the dataset folder (LibriSpeech split, AISHELL folder, Kaldi data dir, images)",
+        help="the dataset folder (LibriSpeech split, AISHELL folder, Kaldi data dir, images); "
+        "real-speech: the download cache (default $XLLM_HOME/real-speech)",
     )
     imp.add_argument("--out", required=True, type=Path, help="manifest to write")
     imp.add_argument("--transcript", type=Path, help="aishell: the transcript file")
@@ -253,20 +255,30 @@ def run_import(args: argparse.Namespace) -> int:
     from xllm.model.evaluation.importers import LayoutError
     from xllm.model.evaluation.importers import run_import as do_import
 
-    try:
-        result = do_import(
-            args.format,
-            args.root,
-            args.out,
-            transcript=args.transcript,
-            subset=args.subset,
-            questions=args.questions,
-            reference=args.reference,
-            context=args.context,
-            limit=args.limit,
-        )
-    except (LayoutError, OSError, KeyError) as exc:
-        raise UserError(str(exc)) from None
+    if args.format == "real-speech":
+        from xllm.model.evaluation.real_speech import RealSpeechError, import_real_speech
+
+        try:
+            result = import_real_speech(args.out, args.root, limit=args.limit)
+        except (RealSpeechError, OSError) as exc:
+            raise UserError(str(exc)) from None
+    elif args.root is None:
+        raise UserError(f"--format {args.format} needs --root (the dataset folder)")
+    else:
+        try:
+            result = do_import(
+                args.format,
+                args.root,
+                args.out,
+                transcript=args.transcript,
+                subset=args.subset,
+                questions=args.questions,
+                reference=args.reference,
+                context=args.context,
+                limit=args.limit,
+            )
+        except (LayoutError, OSError, KeyError) as exc:
+            raise UserError(str(exc)) from None
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(result.skipped.items()))
     print(
         f"{len(result.rows)} rows written to {args.out}"
