@@ -52,9 +52,11 @@ def load_model(
             resolve(model_dir, config.vision, "vision"), layers=layers
         )
     if config.speech is not None:
-        window = config.speech_interface.encoder_window if config.speech_interface else "full"
+        interface = config.speech_interface
         speech = SpeechEncoder.from_pretrained(
-            resolve(model_dir, config.speech, "speech"), window=window
+            resolve(model_dir, config.speech, "speech"),
+            window=interface.encoder_window if interface else "full",
+            states=interface.speech_states if interface else "encoder",
         )
     if config.image_interface is not None and config.image_interface.init_from:
         blip2 = _resolve_path(model_dir, config.image_interface.init_from)

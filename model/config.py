@@ -73,6 +73,10 @@ class SpeechInterfaceConfig:
     # trained); "trimmed" runs the last window only over the real audio, rounded up to whole
     # seconds (10x less encoder work for a 3 s clip). The interface is trained on one of them.
     encoder_window: Literal["full", "trimmed"] = "full"
+    # What the interface reads: "encoder" frames (50 a second), or "decoder": the states of
+    # Whisper's own frozen decoder as it transcribes, one per written word piece (X-LLM's
+    # C-Former is likewise taken from a pretrained ASR model). Needs a whole Whisper checkpoint.
+    speech_states: Literal["encoder", "decoder"] = "encoder"
     # frame_stack
     stack_frames: int = 5  # frames concatenated per output token (50 Hz -> 10 Hz)
     mlp_hidden_size: int = 2048
@@ -82,6 +86,11 @@ class SpeechInterfaceConfig:
             raise ModelConfigError(
                 f"{CONFIG_NAME}: 'speech_interface.type' must be 'cformer' or 'frame_stack', "
                 f"not {self.type!r}"
+            )
+        if self.speech_states not in ("encoder", "decoder"):
+            raise ModelConfigError(
+                f"{CONFIG_NAME}: 'speech_interface.speech_states' must be 'encoder' or 'decoder', "
+                f"not {self.speech_states!r}"
             )
         if self.encoder_window not in ("full", "trimmed"):
             raise ModelConfigError(

@@ -21,6 +21,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
     WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -174,10 +175,40 @@ def tiny_image_interface() -> QFormerInterfaceConfig:
     )
 
 
-def tiny_speech_interface(kind: str = "cformer") -> SpeechInterfaceConfig:
+def tiny_speech_interface(
+    kind: str = "cformer", speech_states: Literal["encoder", "decoder"] = "encoder"
+) -> SpeechInterfaceConfig:
+    if speech_states == "decoder":  # the default model's design: one token per decoder state
+        return SpeechInterfaceConfig(
+            type="frame_stack",
+            stack_frames=1,
+            mlp_hidden_size=64,
+            encoder_window="trimmed",
+            speech_states="decoder",
+        )
     return SpeechInterfaceConfig(
         type=kind, hidden_size=32, num_layers=1, num_heads=2, mlp_hidden_size=64
     )
+
+
+def save_tiny_whisper(out: Path, decoder: bool = False) -> None:
+    """Whisper's encoder (or, with `decoder`, a whole Whisper and a word-level tokenizer.json
+    naming its 64 tokens) + its feature extractor, at toy width."""
+    whisper_config = tiny_whisper_config()
+    if decoder:
+        WhisperForConditionalGeneration(whisper_config).save_pretrained(out)
+        words = CORPUS.lower().replace(".", " ").replace("?", " ").split()
+        # " word", as Whisper's BPE writes a word after a space
+        names = [f" {w}" for w in dict.fromkeys(words)][: whisper_config.vocab_size]
+        names += [f" w{i}" for i in range(len(names), whisper_config.vocab_size)]
+        vocab = {name: i for i, name in enumerate(names)}
+        word_level = Tokenizer(models.WordLevel(vocab, unk_token=names[0]))
+        word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+        word_level.save(str(out / "tokenizer.json"))
+    else:
+        WhisperEncoder(whisper_config).save_pretrained(out)
+    window_seconds = whisper_config.max_source_positions // 50
+    WhisperFeatureExtractor(feature_size=80, chunk_length=window_seconds).save_pretrained(out)
 
 
 def init_tiny(
@@ -185,6 +216,7 @@ def init_tiny(
     seed: int = 0,
     speech_interface: str = "cformer",
     llm: Literal["glm", "llama"] = "glm",
+    speech_states: Literal["encoder", "decoder"] = "encoder",
 ) -> Path:
     """Write a tiny random model directory to `out` and return its path."""
     out = Path(out)
@@ -199,19 +231,14 @@ def init_tiny(
     size = vision_config.image_size
     BlipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(out / "vision")
 
-    whisper_config = tiny_whisper_config()
-    WhisperEncoder(whisper_config).save_pretrained(out / "speech")
-    window_seconds = whisper_config.max_source_positions // 50
-    WhisperFeatureExtractor(feature_size=80, chunk_length=window_seconds).save_pretrained(
-        out / "speech"
-    )
+    save_tiny_whisper(out / "speech", decoder=speech_states == "decoder")
 
     config = XLLMConfig(
         llm=ComponentPath("llm"),
         vision=ComponentPath("vision"),
         speech=ComponentPath("speech"),
         image_interface=tiny_image_interface(),
-        speech_interface=tiny_speech_interface(speech_interface),
+        speech_interface=tiny_speech_interface(speech_interface, speech_states),
         tags=Tags(),
         name="xllm-tiny",
     )

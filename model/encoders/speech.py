@@ -9,8 +9,15 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers import (
+    GenerationConfig,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperModel,
+    WhisperTokenizerFast,
+)
+from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from xllm.model.config import ModelConfigError
 from xllm.model.encoders.vision import read_model_type
@@ -18,6 +25,11 @@ from xllm.model.encoders.vision import read_model_type
 # Whisper: 100 mel frames per second; two convs (the second with stride 2) give 50 frames/s.
 MEL_FRAMES_PER_ENCODER_FRAME = 2
 ENCODER_FRAMES_PER_SECOND = 50
+# Silence kept after the speech when the decoder transcribes a trimmed window: cut at the last
+# word, Whisper's decoder does not see the audio end and repeats the sentence.
+DECODER_CONTEXT_FRAMES = ENCODER_FRAMES_PER_SECOND
+# The decoder writes at most this many tokens per second of audio (English speech: ~3-4).
+MAX_TOKENS_PER_SECOND = 5
 
 
 class SpeechFeatures:
@@ -64,6 +76,95 @@ class SpeechFeatures:
         return features, frames
 
 
+def repeated_tail(tokens: list[int]) -> int | None:
+    """Where a greedy transcription's loop starts, or None: the length to cut `tokens` to.
+
+    A loop is a span of 3+ tokens written twice in a row at the end, or a span of 1-2 tokens
+    written four times (short repeats such as "no, no" are real speech).
+    """
+    n = len(tokens)
+    for span in range(1, n // 2 + 1):
+        copies = 2 if span >= 3 else 4
+        if span * copies > n:
+            continue
+        tail = tokens[n - span :]
+        if all(tokens[n - (c + 1) * span : n - c * span] == tail for c in range(1, copies)):
+            return n - (copies - 1) * span
+    return None
+
+
+class WhisperTranscriber(nn.Module):
+    """Whisper's frozen decoder, greedy, as a token-level speech module.
+
+    Encoder frames of one window (T, D) -> the decoder's last hidden states (N, D) at the N
+    positions that wrote the N tokens of its English transcription (at least one: an empty
+    transcription keeps the state that wrote end-of-text). Each state is what Whisper's own
+    output layer reads a written token from, so the speech interface gets one vector per word
+    piece, as the C-Former of X-LLM (taken from a pretrained ASR model) gives the LLM.
+    """
+
+    def __init__(
+        self,
+        decoder: WhisperDecoder,
+        prompt: list[int],
+        end_of_text: int,
+        tokenizer: WhisperTokenizerFast | None = None,
+    ) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.register_buffer("prompt", torch.tensor(prompt), persistent=False)
+        self.end_of_text = end_of_text
+        self.tokenizer = tokenizer  # what the written tokens say (speech stage 1's targets)
+
+    def written(self, states: torch.Tensor) -> list[int]:
+        """The token each state (N, D) wrote: Whisper's output layer, tied to its embeddings."""
+        return (states @ self.decoder.embed_tokens.weight.T).argmax(-1).tolist()
+
+    @classmethod
+    def from_model(
+        cls,
+        model: WhisperForConditionalGeneration,
+        generation: GenerationConfig | None,
+        tokenizer: WhisperTokenizerFast | None = None,
+    ) -> WhisperTranscriber:
+        """The prompt Whisper's `generate` writes for English transcription without timestamps."""
+        config = model.config
+        prompt = [config.decoder_start_token_id]
+        if generation is not None and getattr(generation, "is_multilingual", False):
+            prompt += [generation.lang_to_id["<|en|>"], generation.task_to_id["transcribe"]]
+        no_timestamps = getattr(generation, "no_timestamps_token_id", None)
+        if no_timestamps is not None:
+            prompt.append(no_timestamps)
+        return cls(model.model.decoder, prompt, config.eos_token_id, tokenizer)
+
+    @torch.no_grad()
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (T, D) of one window -> (N, D) states, N >= 1."""
+        seconds = frames.shape[0] / ENCODER_FRAMES_PER_SECOND
+        limit = min(
+            int(8 + MAX_TOKENS_PER_SECOND * seconds),
+            self.decoder.config.max_target_positions - len(self.prompt),
+        )
+        inputs, cache, written, states = self.prompt[None], None, [], []
+        for _ in range(limit):
+            out = self.decoder(
+                input_ids=inputs, encoder_hidden_states=frames[None], cache=cache, use_cache=True
+            )
+            cache = out.cache
+            state = out.last_hidden_state[0, -1]  # (D,)
+            (token,) = self.written(state[None])
+            states.append(state)
+            if token == self.end_of_text:
+                break
+            written.append(token)
+            loop = repeated_tail(written)
+            if loop is not None:
+                del written[loop:], states[loop:]
+                break
+            inputs = torch.tensor([[token]], device=frames.device)
+        return torch.stack(states[: max(1, len(written))])
+
+
 class SpeechEncoder(nn.Module):
     """Log-mel windows (W, n_mels, window_frames) -> encoder frames at 50 frames/s.
 
@@ -75,6 +176,10 @@ class SpeechEncoder(nn.Module):
     calls its modules with the first T absolute position embeddings (as whisper.cpp's
     `audio_ctx` does). The log-mel of the padded window is sliced, which equals the log-mel of
     the trimmed audio (Whisper normalises by the window's maximum, never reached by padding).
+
+    With a `transcriber` (states="decoder"), a clip's output is instead the states of Whisper's
+    decoder transcribing each window (`WhisperTranscriber`), one per written token, windows
+    joined in time.
     """
 
     def __init__(
@@ -82,30 +187,58 @@ class SpeechEncoder(nn.Module):
         model: WhisperEncoder,
         feature_extractor: WhisperFeatureExtractor,
         window: str = "full",
+        transcriber: WhisperTranscriber | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.features = SpeechFeatures(feature_extractor)
         self.window = window
+        self.transcriber = transcriber
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.d_model
 
     @classmethod
-    def from_pretrained(cls, path: Path, window: str = "full") -> SpeechEncoder:
-        """Load a saved `WhisperEncoder`, or the encoder of a full Whisper checkpoint."""
+    def from_pretrained(
+        cls, path: Path, window: str = "full", states: str = "encoder"
+    ) -> SpeechEncoder:
+        """Load a saved `WhisperEncoder`, or the encoder of a full Whisper checkpoint; with
+        states="decoder", a full checkpoint's decoder as well."""
         model_type = read_model_type(path)
         if model_type != "whisper":
             raise ModelConfigError(f"{path}: expected a Whisper checkpoint, found '{model_type}'")
         config = WhisperConfig.from_pretrained(path)
         architectures = config.architectures or []
-        if any(a in ("WhisperForConditionalGeneration", "WhisperModel") for a in architectures):
+        transcriber = None
+        if states == "decoder":
+            if "WhisperForConditionalGeneration" not in architectures:
+                raise ModelConfigError(
+                    f"{path}: 'speech_interface.speech_states' is 'decoder', which needs a whole "
+                    f"Whisper checkpoint (WhisperForConditionalGeneration), not {architectures}"
+                )
+            whole = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+            generation = (
+                GenerationConfig.from_pretrained(path)
+                if (path / "generation_config.json").is_file()
+                else None
+            )
+            tokenizer = (
+                WhisperTokenizerFast.from_pretrained(path)
+                if (path / "tokenizer.json").is_file()
+                else None
+            )
+            encoder = whole.model.get_encoder()
+            transcriber = WhisperTranscriber.from_model(whole, generation, tokenizer)
+            transcriber.eval().requires_grad_(False)
+        elif any(a in ("WhisperForConditionalGeneration", "WhisperModel") for a in architectures):
             encoder = WhisperModel.from_pretrained(path, dtype=torch.float32).get_encoder()
         else:
             encoder = WhisperEncoder.from_pretrained(path, dtype=torch.float32)
         features = SpeechFeatures.from_pretrained(path, encoder.config)
-        return cls(encoder.eval().requires_grad_(False), features.feature_extractor, window)
+        return cls(
+            encoder.eval().requires_grad_(False), features.feature_extractor, window, transcriber
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features (W, n_mels, window_frames) -> (W, P, d_model); W may mix several clips."""
@@ -115,32 +248,46 @@ class SpeechEncoder(nn.Module):
     def encode_clips(
         self, features: torch.Tensor, windows: list[int], frames: list[int]
     ) -> list[torch.Tensor]:
-        """Windows of several clips (W, n_mels, window_frames) -> per clip (frames[i], D).
+        """Windows of several clips (W, n_mels, window_frames) -> per clip (N_i, D).
 
-        windows[i] windows and frames[i] real encoder frames belong to clip i.
+        windows[i] windows and frames[i] real encoder frames belong to clip i. N_i is frames[i]
+        (encoder frames), or with a transcriber the number of tokens its windows were written as.
         """
-        if self.window == "full":
-            return self.join_windows(self(features), windows, frames)
-        full = features.shape[-1] // MEL_FRAMES_PER_ENCODER_FRAME  # P, encoder frames a window
-        # Encoder frames each window runs over: its real audio, rounded up to whole seconds.
+        context = 0 if self.transcriber is None else DECODER_CONTEXT_FRAMES
+        hidden = self._run_windows(features, self._window_lengths(windows, frames, context))
+        out, start = [], 0
+        for count, keep in zip(windows, frames, strict=True):
+            clip = hidden[start : start + count]
+            if self.transcriber is None:
+                out.append(torch.cat(clip)[:keep])
+            else:
+                out.append(torch.cat([self.transcriber(h) for h in clip]))
+            start += count
+        return out
+
+    def _window_lengths(self, windows: list[int], frames: list[int], context: int) -> list[int]:
+        """Encoder frames each window runs over: a full window, or (trimmed) its real audio and
+        `context` frames more, rounded up to whole seconds."""
+        full = self.model.config.max_source_positions
         lengths = []
         for count, keep in zip(windows, frames, strict=True):
             for w in range(count):
-                real = min(full, keep - w * full)
+                real = min(full, keep - w * full + context)
                 seconds = math.ceil(real / ENCODER_FRAMES_PER_SECOND)
-                lengths.append(min(full, seconds * ENCODER_FRAMES_PER_SECOND))
-        hidden: list[torch.Tensor | None] = [None] * len(lengths)
+                trimmed = min(full, seconds * ENCODER_FRAMES_PER_SECOND)
+                lengths.append(full if self.window == "full" else trimmed)
+        return lengths
+
+    def _run_windows(self, features: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+        """features (W, n_mels, window_frames) -> per window (lengths[w], D)."""
+        if self.window == "full":
+            return list(self(features))
+        hidden: dict[int, torch.Tensor] = {}
         for length in sorted(set(lengths)):  # one batch per length: results never depend on
             chosen = [i for i, n in enumerate(lengths) if n == length]  # what else is batched
             mel = features[chosen, :, : length * MEL_FRAMES_PER_ENCODER_FRAME]
-            for i, h in zip(chosen, self._run_trimmed(mel), strict=True):
-                hidden[i] = h
-        out, start = [], 0
-        for count, keep in zip(windows, frames, strict=True):
-            clip = torch.cat([h for h in hidden[start : start + count] if h is not None])
-            out.append(clip[:keep])
-            start += count
-        return out
+            hidden.update(zip(chosen, self._run_trimmed(mel), strict=True))
+        return [hidden[i] for i in range(len(lengths))]
 
     def _run_trimmed(self, mel: torch.Tensor) -> torch.Tensor:
         """mel (W, n_mels, 2T) -> (W, T, D): WhisperEncoder's forward for T <= its window."""

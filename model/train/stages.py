@@ -116,10 +116,19 @@ def check_model(config: TrainConfig, model: XLLM) -> None:
             raise StageError(f"the model has no {name}: it cannot train {config.modality}")
     speech_stage1 = config.stage == 1 and config.modality == "speech"
     if speech_stage1 and not isinstance(model.speech_interface, CFormer):
-        raise StageError(
-            "speech stage 1 trains a C-Former (CIF); this model's speech interface is a "
-            "frame-stacking projector, which starts at stage 2"
-        )
+        speech = model.config.speech_interface
+        transcriber = model.speech.transcriber if model.speech is not None else None
+        if speech is None or speech.stack_frames != 1 or transcriber is None:
+            raise StageError(
+                "speech stage 1 trains a C-Former (CIF), or a projector of one token per state "
+                "of Whisper's decoder (speech_states 'decoder', stack_frames 1); this model's "
+                "frame-stacking projector starts at stage 2"
+            )
+        if transcriber.tokenizer is None:
+            raise StageError(
+                "speech stage 1 over Whisper's decoder states needs Whisper's tokenizer.json "
+                "beside its checkpoint (the text of each written token)"
+            )
     if config.stage == 3 and not model.interfaces():
         raise StageError("the model has no interfaces to train")
 
@@ -434,13 +443,66 @@ class SpeechStage1(Objective):
         return StepOutput(loss, parts, len(samples))
 
 
+class DecoderStateStage1(Objective):
+    """Speech stage 1 for a projector over Whisper's decoder states (speech_states "decoder"):
+    each state's token is put on the frozen LLM's embedding of the text Whisper wrote from it.
+
+    No transcript is needed: Whisper's own output layer says which token a state wrote, its
+    tokenizer that token's text, and the LLM's tokenizer and table what the LLM reads for that
+    text (the mean embedding where it takes several LLM tokens; most word pieces take one). The
+    loss is the squared distance in units of the table's mean squared norm; `token_accuracy`:
+    how often a piece of one LLM token lands nearest that token's embedding.
+    """
+
+    def __init__(self, model: XLLM) -> None:
+        super().__init__(model)
+        self.llm_ids: dict[int, list[int]] = {}  # Whisper token -> LLM tokens of its text
+
+    def targets(self, written: list[int]) -> list[list[int]]:
+        model: XLLM = self.model
+        assert model.speech is not None and model.speech.transcriber is not None
+        whisper_tokenizer = model.speech.transcriber.tokenizer
+        assert whisper_tokenizer is not None
+        for token in written:
+            if token not in self.llm_ids:
+                text = whisper_tokenizer.decode([token])
+                self.llm_ids[token] = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.llm_ids[t] for t in written]
+
+    def forward(self, samples: Sequence[Sample]) -> StepOutput:
+        if not samples:
+            return StepOutput(self.empty_loss(), {}, 0)
+        model: XLLM = self.model
+        assert model.speech is not None and model.speech.transcriber is not None
+        assert model.speech_interface is not None
+        states = torch.cat(model.speech_frames([s.media[0] for s in samples]))  # frozen (N, D)
+        decoder_dtype = model.speech.transcriber.decoder.embed_tokens.weight.dtype
+        targets = self.targets(model.speech.transcriber.written(states.to(decoder_dtype)))
+        keep = [i for i, ids in enumerate(targets) if ids]  # pieces of no text are not read
+        if not keep:
+            return StepOutput(self.empty_loss(), {}, 0)
+        (tokens,), _ = model.speech_interface([states[keep]])  # (K, H): one token per state
+        table = model.llm.get_input_embeddings().weight.detach().float()  # (V, H), frozen
+        want = torch.stack([table[targets[i]].mean(0) for i in keep])  # (K, H)
+        unit = table.pow(2).sum(-1).mean()
+        loss = (tokens.float() - want).pow(2).sum(-1).mean() / unit
+        parts = {}
+        single = [j for j, i in enumerate(keep) if len(targets[i]) == 1]
+        if single:  # a mean of several embeddings is no table entry: only one-token pieces count
+            with torch.no_grad():
+                scores = 2 * tokens[single].float() @ table.T - table.pow(2).sum(-1)  # (S, V)
+                labels = torch.tensor([targets[keep[j]][0] for j in single], device=scores.device)
+                parts["token_accuracy"] = (scores.argmax(-1) == labels).float().mean().item()
+        return StepOutput(loss, parts, len(samples))
+
+
 def build_objective(config: TrainConfig, model: XLLM) -> Objective:
     if config.stage == 1:
-        return (
-            ImageStage1(model, config)
-            if config.modality == "image"
-            else SpeechStage1(model, config)
-        )
+        if config.modality == "image":
+            return ImageStage1(model, config)
+        if isinstance(model.speech_interface, CFormer):
+            return SpeechStage1(model, config)
+        return DecoderStateStage1(model)
     return LMObjective(model)
 
 

@@ -8,13 +8,20 @@ from torch.nn import functional as F
 
 
 class FrameStackProjector(nn.Module):
-    """Encoder frames (T, De) -> LLM tokens (ceil(T / k), H): k frames stacked, a 2-layer MLP."""
+    """Encoder frames (T, De) -> LLM tokens (ceil(T / k), H): each frame layer-normed, k frames
+    stacked, a 2-layer MLP.
+
+    The LayerNorm is BLIP-2's `ln_vision` / SALMONN's `ln_speech` on frozen features: Whisper's
+    decoder states are ~75x the norm of SmolLM2's embeddings with a few dimensions offset far
+    from zero, and fed raw, the MLP gave every token nearly the same large vector.
+    """
 
     def __init__(
         self, encoder_hidden: int, llm_hidden: int, stack_frames: int = 5, mlp_hidden: int = 2048
     ):
         super().__init__()
         self.stack_frames = stack_frames
+        self.norm = nn.LayerNorm(encoder_hidden)
         self.mlp = nn.Sequential(
             nn.Linear(encoder_hidden * stack_frames, mlp_hidden),
             nn.GELU(),
@@ -33,5 +40,5 @@ class FrameStackProjector(nn.Module):
         self, frames: list[torch.Tensor], target_lens: list[int] | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Same signature as the C-Former; there is no quantity, so it returns zeros."""
-        tokens = [self.mlp(self.stack(f)) for f in frames]
+        tokens = [self.mlp(self.stack(self.norm(f))) for f in frames]
         return tokens, torch.zeros(len(frames), device=tokens[0].device if tokens else None)

@@ -118,10 +118,13 @@ def test_frame_stack_projector_lengths(stack: int) -> None:
     tokens, quantities = projector(clips)
     assert [t.shape for t in tokens] == [(math.ceil(n / stack), LLM_HIDDEN) for n in lengths]
     assert quantities.shape == (len(lengths),)
-    # Token j is made of frames j*k .. j*k+k-1 in that order (stacked, not pooled).
+    # Token j is made of frames j*k .. j*k+k-1 in that order (stacked, not pooled), each frame
+    # layer-normed first: a frame's scale and offset do not change its token.
     clip = clips[-1]
-    expected = projector.mlp(clip[:stack].reshape(1, -1))[0]
+    expected = projector.mlp(projector.norm(clip[:stack]).reshape(1, -1))[0]
     torch.testing.assert_close(tokens[-1][0], expected)
+    shifted = clip * 100 + 40  # Whisper's decoder states: large, offset
+    torch.testing.assert_close(projector([shifted])[0][0][0], expected, atol=1e-3, rtol=1e-3)
     if stack > 1:
         swapped = clip.clone()
         swapped[[0, 1]] = swapped[[1, 0]]

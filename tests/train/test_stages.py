@@ -203,3 +203,34 @@ def test_stage2_on_a_folder_takes_every_row_of_its_modality_alone(
     sources = {example.source.split(":")[0] for example in dataset.examples}
     assert sources == {f"{modality}_train.jsonl", "mixed_train.jsonl"}
     assert all(example.kinds == [kind] for example in dataset.examples)
+
+
+def test_speech_stage1_puts_decoder_states_on_the_llms_embeddings_of_what_whisper_wrote(
+    toy_dir: Path, tmp_path: Path
+) -> None:
+    """speech_states="decoder": stage 1 needs no transcript; each state's token moves onto the
+    LLM's embedding of the text Whisper wrote from that state (token_accuracy: a piece of one
+    LLM token lands nearest that token's embedding)."""
+    from xllm.model.tiny import init_tiny
+
+    model_dir = init_tiny(tmp_path / "model", speech_states="decoder")
+    args = stage_args(1, "speech", 40, TOY_ROWS)
+    metrics = train(
+        model_dir, toy_dir / "speech_train.jsonl", tmp_path / "out", *args, "--lr", "1e-2"
+    )
+    first, last = metrics[0], metrics[-1]
+    assert last["loss"] < first["loss"] / 2, (first, last)
+    accuracy = [m["token_accuracy"] for m in metrics if "token_accuracy" in m]
+    assert accuracy[0] < 0.2 and accuracy[-1] > 0.6, accuracy
+
+
+def test_speech_stage1_refuses_a_frame_stack_over_encoder_frames(
+    toy_dir: Path, tmp_path: Path
+) -> None:
+    from xllm.main import main
+    from xllm.model.tiny import init_tiny
+
+    model_dir = init_tiny(tmp_path / "model", speech_interface="frame_stack")
+    argv = ["train", "--model", str(model_dir), "--data", str(toy_dir / "speech_train.jsonl")]
+    argv += ["--out", str(tmp_path / "out"), *stage_args(1, "speech", 2, 2), "--device", "cpu"]
+    assert main(argv) == 2
