@@ -12,7 +12,7 @@
     pack        `xllm eval pack`: the offline toy-world benchmark pack
     importers   `xllm eval import`: LibriSpeech, AISHELL, Kaldi, LLaVA-Bench -> manifests
     real_speech `xllm eval import --format real-speech`: 24 real English speech clips rebuilt
-                from pinned PyPI/Debian archives
+                from pinned PyPI/Debian archives (the pins and clips: real_speech_clips)
     cli         the `xllm eval` command
 
 See docs/EVALUATION.md.

@@ -19,14 +19,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from xllm.model.evaluation.real_speech import (
-    CLIPS,
-    Archive,
-    Clip,
-    Original,
-    RealSpeechError,
-    import_real_speech,
-)
+from xllm.model.evaluation.real_speech import RealSpeechError, import_real_speech
+from xllm.model.evaluation.real_speech_clips import CLIPS, Archive, Clip, Original
 from xllm.model.evaluation.tasks import build_items, read_rows
 
 SDIST_WAV = "fakepkg-1.0/test/hello.wav"
