@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -255,27 +256,22 @@ class SpeechEncoder(nn.Module):
         """
         context = 0 if self.transcriber is None else DECODER_CONTEXT_FRAMES
         hidden = self._run_windows(features, self._window_lengths(windows, frames, context))
-        out, start = [], 0
-        for count, keep in zip(windows, frames, strict=True):
-            clip = hidden[start : start + count]
-            if self.transcriber is None:
-                out.append(torch.cat(clip)[:keep])
-            else:
-                out.append(torch.cat([self.transcriber(h) for h in clip]))
-            start += count
-        return out
+        if self.transcriber is None:
+            return self.join_windows(hidden, windows, frames)
+        return self.join_windows([self.transcriber(h) for h in hidden], windows)
 
     def _window_lengths(self, windows: list[int], frames: list[int], context: int) -> list[int]:
         """Encoder frames each window runs over: a full window, or (trimmed) its real audio and
         `context` frames more, rounded up to whole seconds."""
         full = self.model.config.max_source_positions
+        if self.window == "full":
+            return [full] * sum(windows)
         lengths = []
         for count, keep in zip(windows, frames, strict=True):
             for w in range(count):
                 real = min(full, keep - w * full + context)
                 seconds = math.ceil(real / ENCODER_FRAMES_PER_SECOND)
-                trimmed = min(full, seconds * ENCODER_FRAMES_PER_SECOND)
-                lengths.append(full if self.window == "full" else trimmed)
+                lengths.append(min(full, seconds * ENCODER_FRAMES_PER_SECOND))
         return lengths
 
     def _run_windows(self, features: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
@@ -302,15 +298,21 @@ class SpeechEncoder(nn.Module):
 
     @staticmethod
     def join_windows(
-        hidden: torch.Tensor, windows: list[int], frames: list[int]
+        hidden: Sequence[torch.Tensor] | torch.Tensor,
+        windows: list[int],
+        frames: list[int] | None = None,
     ) -> list[torch.Tensor]:
-        """Split a batch of windows (W, P, D) back per clip and join each clip's windows in time.
+        """Per-window outputs ([(P_w, D)], or a batch (W, P, D)) back per clip, each clip's
+        windows joined in time.
 
-        windows[i] windows and frames[i] real frames belong to clip i; returns [(frames[i], D)].
+        windows[i] windows belong to clip i; with `frames`, clip i keeps its first frames[i]
+        (its real audio; the last window's padding is dropped).
         """
-        out = []
-        for chunk, keep in zip(hidden.split(windows), frames, strict=True):
-            out.append(chunk.reshape(-1, chunk.shape[-1])[:keep])
+        out, start = [], 0
+        for i, count in enumerate(windows):
+            clip = torch.cat(list(hidden[start : start + count]))
+            out.append(clip if frames is None else clip[: frames[i]])
+            start += count
         return out
 
 

@@ -376,6 +376,12 @@ def text_ids(
     return ids.to(device), pad.to(device)
 
 
+def nearness(tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """tokens (N, H), embedding table (V, H) -> (N, V): minus each token's squared distance to
+    each entry up to a per-token constant (2 x.E_v - |E_v|^2); its argmax is the nearest entry."""
+    return 2 * tokens @ table.T - table.pow(2).sum(-1)
+
+
 # A token on its own embedding E_y out-scores another entry E_v by
 # READOUT_SHARPNESS * |E_y - E_v|^2 / mean |E|^2 nats: ~10-20 for unrelated entries.
 READOUT_SHARPNESS = 10.0
@@ -422,11 +428,10 @@ class SpeechStage1(Objective):
         states = cformer.encode_fires([fires for fires, _ in compressed])  # [(N_i, hidden)]
         tokens = cformer.projection(torch.cat(states)).float()  # (sum N_i, H): what the LLM reads
         table = model.llm.get_input_embeddings().weight.detach().float()  # (V, H), frozen
-        squared_norms = table.pow(2).sum(-1)  # (V,)
         # Squared distances in units of the table's mean squared norm, so the read-out's
         # sharpness does not depend on the LLM's embedding scale.
-        unit = squared_norms.mean()
-        logits = (2 * tokens @ table.T - squared_norms) * (READOUT_SHARPNESS / unit)  # (N, V)
+        unit = table.pow(2).sum(-1).mean()
+        logits = nearness(tokens, table) * (READOUT_SHARPNESS / unit)  # (N, V)
         labels = torch.tensor([i for t in targets for i in t], device=logits.device)
         ce = F.cross_entropy(logits, labels)
         distance = (tokens - table[labels]).pow(2).sum(-1).mean() / unit
@@ -490,7 +495,7 @@ class DecoderStateStage1(Objective):
         single = [j for j, i in enumerate(keep) if len(targets[i]) == 1]
         if single:  # a mean of several embeddings is no table entry: only one-token pieces count
             with torch.no_grad():
-                scores = 2 * tokens[single].float() @ table.T - table.pow(2).sum(-1)  # (S, V)
+                scores = nearness(tokens[single].float(), table)  # (S, V)
                 labels = torch.tensor([targets[keep[j]][0] for j in single], device=scores.device)
                 parts["token_accuracy"] = (scores.argmax(-1) == labels).float().mean().item()
         return StepOutput(loss, parts, len(samples))
