@@ -78,6 +78,8 @@ def load_model(
             module.to(torch_device, encoder_dtype)
     for module in model.interfaces().values():
         module.to(torch_device).eval().requires_grad_(False)
+    if model.transcript_prior is not None:  # its piece table; no weights of its own
+        model.transcript_prior.to(torch_device)
     return model
 
 

@@ -77,6 +77,11 @@ class SpeechInterfaceConfig:
     # Whisper's own frozen decoder as it transcribes, one per written word piece (X-LLM's
     # C-Former is likewise taken from a pretrained ASR model). Needs a whole Whisper checkpoint.
     speech_states: Literal["encoder", "decoder"] = "encoder"
+    # With "decoder" states and one state per token: each token starts as the frozen LLM's
+    # embedding of the piece Whisper wrote there, blended over its top-k candidates by their
+    # probabilities (`x2l.transcript_prior`); the projector adds a correction that starts at zero.
+    # 0: the projector alone.
+    transcript_prior_top_k: int = 0
     # frame_stack
     stack_frames: int = 5  # frames concatenated per output token (50 Hz -> 10 Hz)
     mlp_hidden_size: int = 2048
@@ -91,6 +96,17 @@ class SpeechInterfaceConfig:
             raise ModelConfigError(
                 f"{CONFIG_NAME}: 'speech_interface.speech_states' must be 'encoder' or 'decoder', "
                 f"not {self.speech_states!r}"
+            )
+        if not isinstance(self.transcript_prior_top_k, int) or self.transcript_prior_top_k < 0:
+            raise ModelConfigError(
+                f"{CONFIG_NAME}: 'speech_interface.transcript_prior_top_k' must be an integer >= 0"
+            )
+        one_per_state = self.type == "frame_stack" and self.stack_frames == 1
+        if self.transcript_prior_top_k and not (one_per_state and self.speech_states == "decoder"):
+            raise ModelConfigError(
+                f"{CONFIG_NAME}: 'speech_interface.transcript_prior_top_k' needs one token per "
+                "state of Whisper's decoder: type 'frame_stack', stack_frames 1, speech_states "
+                "'decoder'"
             )
         if self.encoder_window not in ("full", "trimmed"):
             raise ModelConfigError(

@@ -196,6 +196,8 @@ def save_tiny_whisper(out: Path, decoder: bool = False) -> None:
     naming its 64 tokens) + its feature extractor, at toy width."""
     whisper_config = tiny_whisper_config()
     if decoder:
+        # Whisper's end-of-text follows its text vocabulary (the ids below it are text).
+        whisper_config.eos_token_id = whisper_config.pad_token_id = whisper_config.vocab_size - 1
         WhisperForConditionalGeneration(whisper_config).save_pretrained(out)
         words = CORPUS.lower().replace(".", " ").replace("?", " ").split()
         # " word", as Whisper's BPE writes a word after a space

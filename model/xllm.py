@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from xllm.model.config import Modality, XLLMConfig
+from xllm.model.config import Modality, ModelConfigError, XLLMConfig
 from xllm.model.encoders.speech import SpeechEncoder
 from xllm.model.encoders.vision import VisionEncoder
 from xllm.model.preprocess import MediaPreparer, PreparedMedia
@@ -38,6 +38,7 @@ from xllm.model.prompt import (
 from xllm.model.x2l.cformer import CFormer
 from xllm.model.x2l.projector import FrameStackProjector
 from xllm.model.x2l.qformer import ImageInterface, VideoInterface, build_qformer
+from xllm.model.x2l.transcript_prior import TranscriptPrior, WhisperPieces
 
 if TYPE_CHECKING:
     from xllm.model.media import DecodedVideo
@@ -83,6 +84,7 @@ class XLLM(nn.Module):
         self.image_interface: ImageInterface | None = None
         self.video_interface: VideoInterface | None = None
         self.speech_interface: CFormer | FrameStackProjector | None = None
+        self.transcript_prior: TranscriptPrior | None = None
         if vision is not None and config.image_interface is not None:
             ic = config.image_interface
             self.image_interface = ImageInterface(
@@ -110,7 +112,15 @@ class XLLM(nn.Module):
                 )
             else:
                 self.speech_interface = FrameStackProjector(
-                    speech.hidden_size, llm_hidden, sc.stack_frames, sc.mlp_hidden_size
+                    speech.hidden_size,
+                    llm_hidden,
+                    sc.stack_frames,
+                    sc.mlp_hidden_size,
+                    residual=sc.transcript_prior_top_k > 0,
+                )
+            if sc.transcript_prior_top_k:
+                self.transcript_prior = TranscriptPrior(
+                    speech_pieces(speech, tokenizer), sc.transcript_prior_top_k
                 )
 
     # --- which parameters are the X2L interfaces (the only weights xllm trains and stores) ---
@@ -171,7 +181,7 @@ class XLLM(nn.Module):
         sound = [i for i, it in enumerate(items) if it.audio_features is not None]
         if sound:
             assert self.speech_interface is not None
-            tokens, _ = self.speech_interface(self.speech_frames([items[i] for i in sound]))
+            tokens = self.speech_tokens(self.speech_frames([items[i] for i in sound]))
             for i, t in zip(sound, tokens, strict=True):
                 out[i].append(("audio", t))  # after the video's frames when from a video track
         return out
@@ -188,6 +198,21 @@ class XLLM(nn.Module):
         )
         dtype = _dtype_of(self.speech_interface)
         return [f.to(dtype) for f in frames]
+
+    def speech_tokens(self, frames: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Speech-encoder outputs [(T_i, De)] -> the LLM's tokens for each clip [(N_i, H)]: the
+        speech interface, added to the transcript prior when the model has one."""
+        assert self.speech is not None and self.speech_interface is not None
+        tokens, _ = self.speech_interface(list(frames))
+        if self.transcript_prior is None:
+            return tokens
+        assert self.speech.transcriber is not None
+        head = self.speech.transcriber.decoder.embed_tokens.weight
+        table = self.llm.get_input_embeddings().weight
+        return [
+            t + self.transcript_prior(f, head, table).to(t.dtype)
+            for t, f in zip(tokens, frames, strict=True)
+        ]
 
     # --- step 4: prompt ---
     def layout(
@@ -232,6 +257,17 @@ class XLLM(nn.Module):
         encoded = self.encode(media)
         layout = self.layout(messages, encoded, add_generation_prompt=add_generation_prompt)
         return PromptEmbeddings(layout, self.embed(layout, encoded), encoded)
+
+
+def speech_pieces(speech: SpeechEncoder, tokenizer: PreTrainedTokenizerBase) -> WhisperPieces:
+    """The LLM tokens of each of Whisper's text tokens (needs the decoder and its tokenizer)."""
+    transcriber = speech.transcriber
+    if transcriber is None or transcriber.tokenizer is None:
+        raise ModelConfigError(
+            "reading Whisper's written pieces (speech_states 'decoder') needs a whole Whisper "
+            "checkpoint with its tokenizer.json"
+        )
+    return WhisperPieces(transcriber.tokenizer, tokenizer, transcriber.end_of_text)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

@@ -32,7 +32,7 @@ from xllm.model.prompt import ASR_INSTRUCTION, Batch, Message, bind_media, colla
 from xllm.model.train.config import TrainConfig
 from xllm.model.train.data import Example, Sample
 from xllm.model.x2l.cformer import CFormer, quantity_loss
-from xllm.model.xllm import XLLM
+from xllm.model.xllm import XLLM, speech_pieces
 
 # The media kinds each --modality trains on.
 STAGE_KINDS: dict[str, frozenset[str]] = {
@@ -461,18 +461,8 @@ class DecoderStateStage1(Objective):
 
     def __init__(self, model: XLLM) -> None:
         super().__init__(model)
-        self.llm_ids: dict[int, list[int]] = {}  # Whisper token -> LLM tokens of its text
-
-    def targets(self, written: list[int]) -> list[list[int]]:
-        model: XLLM = self.model
-        assert model.speech is not None and model.speech.transcriber is not None
-        whisper_tokenizer = model.speech.transcriber.tokenizer
-        assert whisper_tokenizer is not None
-        for token in written:
-            if token not in self.llm_ids:
-                text = whisper_tokenizer.decode([token])
-                self.llm_ids[token] = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [self.llm_ids[t] for t in written]
+        assert model.speech is not None
+        self.pieces = speech_pieces(model.speech, model.tokenizer)
 
     def forward(self, samples: Sequence[Sample]) -> StepOutput:
         if not samples:
@@ -482,11 +472,12 @@ class DecoderStateStage1(Objective):
         assert model.speech_interface is not None
         states = torch.cat(model.speech_frames([s.media[0] for s in samples]))  # frozen (N, D)
         decoder_dtype = model.speech.transcriber.decoder.embed_tokens.weight.dtype
-        targets = self.targets(model.speech.transcriber.written(states.to(decoder_dtype)))
+        written = model.speech.transcriber.written(states.to(decoder_dtype))
+        targets = [self.pieces[t] for t in written]
         keep = [i for i, ids in enumerate(targets) if ids]  # pieces of no text are not read
         if not keep:
             return StepOutput(self.empty_loss(), {}, 0)
-        (tokens,), _ = model.speech_interface([states[keep]])  # (K, H): one token per state
+        (tokens,) = model.speech_tokens([states[keep]])  # (K, H): one token per state
         table = model.llm.get_input_embeddings().weight.detach().float()  # (V, H), frozen
         want = torch.stack([table[targets[i]].mean(0) for i in keep])  # (K, H)
         unit = table.pow(2).sum(-1).mean()

@@ -17,7 +17,12 @@ class FrameStackProjector(nn.Module):
     """
 
     def __init__(
-        self, encoder_hidden: int, llm_hidden: int, stack_frames: int = 5, mlp_hidden: int = 2048
+        self,
+        encoder_hidden: int,
+        llm_hidden: int,
+        stack_frames: int = 5,
+        mlp_hidden: int = 2048,
+        residual: bool = False,
     ):
         super().__init__()
         self.stack_frames = stack_frames
@@ -27,6 +32,9 @@ class FrameStackProjector(nn.Module):
             nn.GELU(),
             nn.Linear(mlp_hidden, llm_hidden),
         )
+        if residual:  # a correction added to a prior (TranscriptPrior): it starts at nothing
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def stack(self, frames: torch.Tensor) -> torch.Tensor:
         k = self.stack_frames
