@@ -97,7 +97,7 @@ def repeated_tail(tokens: list[int]) -> int | None:
 class WhisperTranscriber(nn.Module):
     """Whisper's frozen decoder, greedy, as a token-level speech module.
 
-    Encoder frames of one window (T, D) -> the decoder's last hidden states (N, D) at the N
+    Encoder frames of a window (T, D) -> the decoder's last hidden states (N, D) at the N
     positions that wrote the N tokens of its English transcription (at least one: an empty
     transcription keeps the state that wrote end-of-text). Each state is what Whisper's own
     output layer reads a written token from, so the speech interface gets one vector per word
@@ -138,32 +138,55 @@ class WhisperTranscriber(nn.Module):
             prompt.append(no_timestamps)
         return cls(model.model.decoder, prompt, config.eos_token_id, tokenizer)
 
+    def transcribe(self, windows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Windows [(T_w, D)] -> their states [(N_w, D)]; windows of one length decode together
+        (a row's states do not depend on the others': tests/model/test_whisper_transcriber.py)."""
+        states: dict[int, torch.Tensor] = {}
+        for length in sorted({w.shape[0] for w in windows}):
+            chosen = [i for i, w in enumerate(windows) if w.shape[0] == length]
+            batch = torch.stack([windows[i] for i in chosen])
+            states.update(zip(chosen, self(batch), strict=True))
+        return [states[i] for i in range(len(windows))]
+
     @torch.no_grad()
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (T, D) of one window -> (N, D) states, N >= 1."""
-        seconds = frames.shape[0] / ENCODER_FRAMES_PER_SECOND
+    def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """frames (B, T, D) of B windows of one length -> per window (N_b, D) states, N_b >= 1.
+
+        Greedy, one decoder step for all B rows at a time; a row that has ended (end-of-text, a
+        loop cut, the limit) keeps being fed end-of-text until every row has, its outputs unused.
+        """
+        rows, length = frames.shape[0], frames.shape[1]
+        seconds = length / ENCODER_FRAMES_PER_SECOND
         limit = min(
             int(8 + MAX_TOKENS_PER_SECOND * seconds),
             self.decoder.config.max_target_positions - len(self.prompt),
         )
-        inputs, cache, written, states = self.prompt[None], None, [], []
+        inputs, cache = self.prompt[None].expand(rows, -1), None
+        written: list[list[int]] = [[] for _ in range(rows)]
+        states: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        running = set(range(rows))
         for _ in range(limit):
             out = self.decoder(
-                input_ids=inputs, encoder_hidden_states=frames[None], cache=cache, use_cache=True
+                input_ids=inputs, encoder_hidden_states=frames, cache=cache, use_cache=True
             )
             cache = out.cache
-            state = out.last_hidden_state[0, -1]  # (D,)
-            (token,) = self.written(state[None])
-            states.append(state)
-            if token == self.end_of_text:
+            last = out.last_hidden_state[:, -1]  # (B, D)
+            tokens = self.written(last)
+            for row in sorted(running):
+                states[row].append(last[row])
+                if tokens[row] == self.end_of_text:
+                    running.discard(row)
+                    continue
+                written[row].append(tokens[row])
+                loop = repeated_tail(written[row])
+                if loop is not None:
+                    del written[row][loop:], states[row][loop:]
+                    running.discard(row)
+            if not running:
                 break
-            written.append(token)
-            loop = repeated_tail(written)
-            if loop is not None:
-                del written[loop:], states[loop:]
-                break
-            inputs = torch.tensor([[token]], device=frames.device)
-        return torch.stack(states[: max(1, len(written))])
+            fed = [t if r in running else self.end_of_text for r, t in enumerate(tokens)]
+            inputs = torch.tensor(fed, device=frames.device)[:, None]
+        return [torch.stack(s[: max(1, len(w))]) for s, w in zip(states, written, strict=True)]
 
 
 class SpeechEncoder(nn.Module):
@@ -258,7 +281,7 @@ class SpeechEncoder(nn.Module):
         hidden = self._run_windows(features, self._window_lengths(windows, frames, context))
         if self.transcriber is None:
             return self.join_windows(hidden, windows, frames)
-        return self.join_windows([self.transcriber(h) for h in hidden], windows)
+        return self.join_windows(self.transcriber.transcribe(hidden), windows)
 
     def _window_lengths(self, windows: list[int], frames: list[int], context: int) -> list[int]:
         """Encoder frames each window runs over: a full window, or (trimmed) its real audio and

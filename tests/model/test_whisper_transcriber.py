@@ -73,9 +73,33 @@ def test_a_long_clip_is_transcribed_window_by_window_and_batching_changes_nothin
     features, frames = speech.features(long)
     with torch.no_grad():
         lengths = speech._window_lengths([features.shape[0]], [frames], 50)
-        per_window = [speech.transcriber(h) for h in speech._run_windows(features, lengths)]
+        windows = speech._run_windows(features, lengths)
+        per_window = [speech.transcriber.transcribe([h])[0] for h in windows]
     assert len(per_window) == 3
     torch.testing.assert_close(together[1], torch.cat(per_window))
+
+
+def test_windows_of_one_length_decode_together_as_they_would_alone(
+    whole_whisper_dir: Path,
+) -> None:
+    """Windows of one length are one batch of greedy decoding: each gets the tokens and states
+    it gets alone, wherever it stops (rows that end early are carried along, unused). Encoder
+    frames of large random values make the tiny random decoder write varied transcriptions."""
+    speech = SpeechEncoder.from_pretrained(whole_whisper_dir, window="trimmed", states="decoder")
+    transcriber = speech.transcriber
+    assert transcriber is not None
+    generator = torch.Generator().manual_seed(0)
+    frames = 100 * torch.randn(6, 100, speech.hidden_size, generator=generator)  # 6 windows, 2 s
+    together = transcriber(frames)
+    table = transcriber.decoder.embed_tokens.weight
+    for row, states in zip(frames, together, strict=True):
+        (alone,) = transcriber(row[None])
+        assert (states @ table.T).argmax(-1).tolist() == (alone @ table.T).argmax(-1).tolist()
+        torch.testing.assert_close(states, alone, atol=1e-4, rtol=1e-4)
+    assert len({len(states) for states in together}) > 1  # the rows stopped at different steps
+    windows = [frames[0], frames[1, :50], frames[2]]  # two lengths: two batches, order kept
+    for states, window in zip(transcriber.transcribe(windows), windows, strict=True):
+        torch.testing.assert_close(states, transcriber(window[None])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_decoder_states_need_a_whole_whisper(tiny_model_dir: Path) -> None:
