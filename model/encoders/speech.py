@@ -94,6 +94,12 @@ def repeated_tail(tokens: list[int]) -> int | None:
     return None
 
 
+def equal_length_groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of windows grouped by length: each group is one batch, so a window's result
+    never depends on what else is batched (no padding, no masks)."""
+    return [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
+
+
 class WhisperTranscriber(nn.Module):
     """Whisper's frozen decoder, greedy, as a token-level speech module.
 
@@ -142,8 +148,7 @@ class WhisperTranscriber(nn.Module):
         """Windows [(T_w, D)] -> their states [(N_w, D)]; windows of one length decode together
         (a row's states do not depend on the others': tests/model/test_whisper_transcriber.py)."""
         states: dict[int, torch.Tensor] = {}
-        for length in sorted({w.shape[0] for w in windows}):
-            chosen = [i for i, w in enumerate(windows) if w.shape[0] == length]
+        for chosen in equal_length_groups([w.shape[0] for w in windows]):
             batch = torch.stack([windows[i] for i in chosen])
             states.update(zip(chosen, self(batch), strict=True))
         return [states[i] for i in range(len(windows))]
@@ -302,8 +307,8 @@ class SpeechEncoder(nn.Module):
         if self.window == "full":
             return list(self(features))
         hidden: dict[int, torch.Tensor] = {}
-        for length in sorted(set(lengths)):  # one batch per length: results never depend on
-            chosen = [i for i, n in enumerate(lengths) if n == length]  # what else is batched
+        for chosen in equal_length_groups(lengths):
+            length = lengths[chosen[0]]
             mel = features[chosen, :, : length * MEL_FRAMES_PER_ENCODER_FRAME]
             hidden.update(zip(chosen, self._run_trimmed(mel), strict=True))
         return [hidden[i] for i in range(len(lengths))]

@@ -32,6 +32,7 @@ from xllm.model.prompt import ASR_INSTRUCTION, Batch, Message, bind_media, colla
 from xllm.model.train.config import TrainConfig
 from xllm.model.train.data import Example, Sample
 from xllm.model.x2l.cformer import CFormer, quantity_loss
+from xllm.model.x2l.transcript_prior import piece_embeddings
 from xllm.model.xllm import XLLM, speech_pieces
 
 # The media kinds each --modality trains on.
@@ -479,7 +480,8 @@ class DecoderStateStage1(Objective):
             return StepOutput(self.empty_loss(), {}, 0)
         (tokens,) = model.speech_tokens([states[keep]])  # (K, H): one token per state
         table = model.llm.get_input_embeddings().weight.detach().float()  # (V, H), frozen
-        want = torch.stack([table[targets[i]].mean(0) for i in keep])  # (K, H)
+        kept = torch.tensor([written[i] for i in keep])
+        want = piece_embeddings(self.pieces.table, kept, table)  # (K, H)
         unit = table.pow(2).sum(-1).mean()
         loss = (tokens.float() - want).pow(2).sum(-1).mean() / unit
         parts = {}

@@ -43,6 +43,17 @@ class WhisperPieces:
         return [i for i in self.table[token].tolist() if i >= 0]
 
 
+def piece_embeddings(
+    table: torch.Tensor, tokens: torch.Tensor, llm_embeddings: torch.Tensor
+) -> torch.Tensor:
+    """Whisper tokens (...) -> the LLM's embedding of each one's text (..., H), float32: the mean
+    of its LLM tokens' embeddings (zeros for a token of no text). `table`: `WhisperPieces.table`."""
+    ids = table[tokens.to(table.device)].to(llm_embeddings.device)  # (..., L), -1 padded
+    present = (ids >= 0).float()
+    embeds = llm_embeddings[ids.clamp(min=0)].float() * present[..., None]  # (..., L, H)
+    return embeds.sum(-2) / present.sum(-1, keepdim=True).clamp(min=1)
+
+
 class TranscriptPrior(nn.Module):
     """Decoder states (N, D) -> (N, H): the LLM embedding of each state's written piece.
 
@@ -65,8 +76,5 @@ class TranscriptPrior(nn.Module):
         logits = states.float() @ whisper_output[:text_vocab].float().T  # (N, V)
         top = logits.topk(self.top_k, dim=-1)
         weights = top.values.softmax(-1)  # (N, k)
-        ids = self.pieces[top.indices]  # (N, k, L), -1 padded
-        present = (ids >= 0).float()
-        embeds = llm_embeddings[ids.clamp(min=0)].float() * present[..., None]  # (N, k, L, H)
-        per_candidate = embeds.sum(-2) / present.sum(-1, keepdim=True).clamp(min=1)  # (N, k, H)
+        per_candidate = piece_embeddings(self.pieces, top.indices, llm_embeddings)  # (N, k, H)
         return (weights[..., None] * per_candidate).sum(-2)

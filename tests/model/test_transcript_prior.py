@@ -13,6 +13,7 @@ import torch
 from xllm.model.checkpoint import load_model, save_interfaces
 from xllm.model.config import CONFIG_NAME, INTERFACES_NAME, ModelConfigError, XLLMConfig
 from xllm.model.tiny import init_tiny
+from xllm.model.x2l.transcript_prior import WhisperPieces
 from xllm.model.xllm import XLLM, speech_pieces
 
 
@@ -41,6 +42,18 @@ def clip_states(model: XLLM, media) -> torch.Tensor:
     return states  # (N, D): one per written token
 
 
+def clip_tokens(
+    model: XLLM, media
+) -> tuple[torch.Tensor, torch.Tensor, WhisperPieces, torch.Tensor]:
+    """A clip's decoder states (N, D), the model's tokens for them (N, H), the piece map and the
+    LLM's embedding table: what the expected tokens are computed from."""
+    assert model.speech is not None
+    states = clip_states(model, media)
+    (tokens,) = model.speech_tokens([states])
+    pieces = speech_pieces(model.speech, model.tokenizer)
+    return states, tokens, pieces, model.llm.get_input_embeddings().weight.float()
+
+
 def test_whisper_pieces_map_each_text_token_to_the_llms_tokens_of_its_text(
     decoder_model_dir: Path,
 ) -> None:
@@ -63,10 +76,7 @@ def test_untrained_each_token_is_the_llms_embedding_of_the_piece_whisper_wrote(
     of each written piece (the mean of its tokens' embeddings where it splits the piece)."""
     model = fresh(decoder_model_dir, tmp_path, top_k=1)
     assert model.speech is not None and model.speech.transcriber is not None
-    states = clip_states(model, media)
-    (tokens,) = model.speech_tokens([states])
-    pieces = speech_pieces(model.speech, model.tokenizer)
-    table = model.llm.get_input_embeddings().weight.float()
+    states, tokens, pieces, table = clip_tokens(model, media)
     written = model.speech.transcriber.written(states)
     want = torch.stack([table[pieces[t]].mean(0) for t in written])
     assert tokens.shape == want.shape
@@ -78,10 +88,7 @@ def test_top_k_blends_whispers_candidates_by_their_probabilities(
 ) -> None:
     model = fresh(decoder_model_dir, tmp_path, top_k=3)
     assert model.speech is not None and model.speech.transcriber is not None
-    states = clip_states(model, media)
-    (tokens,) = model.speech_tokens([states])
-    pieces = speech_pieces(model.speech, model.tokenizer)
-    table = model.llm.get_input_embeddings().weight.float()
+    states, tokens, pieces, table = clip_tokens(model, media)
     head = model.speech.transcriber.decoder.embed_tokens.weight
     logits = states @ head[: model.speech.transcriber.end_of_text].T
     for token, row in zip(tokens, logits, strict=True):
