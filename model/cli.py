@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from xllm.model.config import QUANTIZE_CHOICES
+from xllm.model.config import LLM_BACKENDS, QUANTIZE_CHOICES
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -53,6 +53,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto"
     )
+    parser.add_argument(
+        "--llm-backend",
+        choices=LLM_BACKENDS,
+        default="torch",
+        help="what runs the frozen LLM: PyTorch, or llama.cpp on the CPU (as xllm serve)",
+    )
 
 
 def run_init_tiny(args: argparse.Namespace) -> int:
@@ -68,10 +74,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from xllm.main import UserError
     from xllm.model.checkpoint import default_model_dir, load_model
+    from xllm.model.config import torch_load_for_backend
     from xllm.model.generate import generate
     from xllm.model.preprocess import MediaPreparer
     from xllm.model.sampling import sampling_params
 
+    try:
+        device, dtype, quantize = torch_load_for_backend(
+            args.llm_backend, args.device, args.dtype, args.quantize
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     model_dir = args.model or default_model_dir()
     preparer = MediaPreparer.from_pretrained(model_dir)
     try:
@@ -98,7 +111,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
-    model = load_model(model_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    model = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
     turns = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
     with torch.inference_mode():
         prompt = model.prompt_embeddings(turns, prepared)
@@ -107,7 +120,15 @@ def run_generate(args: argparse.Namespace) -> int:
             f"prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
             f"model's context ({model.max_model_len} tokens)"
         )
-    for delta in generate(model.llm, model.tokenizer, prompt.embeds, params):
+    slots = None  # generate's default: PyTorch
+    if args.llm_backend == "llamacpp":
+        from xllm.model.llamacpp import LlamaCppSlots, gguf_weights_for
+
+        weights = gguf_weights_for(model.llm.dtype, args.quantize)
+        # llama.cpp pads a context to a multiple of 256 positions (per sequence, its spare too)
+        length = -(-(len(prompt) + params.max_tokens) // 256) * 256
+        slots = LlamaCppSlots(model.llm, 1, length, weights, torch.get_num_threads())
+    for delta in generate(model.llm, model.tokenizer, prompt.embeds, params, slots=slots):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

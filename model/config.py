@@ -25,11 +25,30 @@ Modality = Literal["image", "audio", "video"]
 # How the frozen LLM's linear layers may be stored (bitsandbytes); the one list of choices.
 Quantize = Literal["none", "nf4", "int8"]
 QUANTIZE_CHOICES: tuple[Quantize, ...] = get_args(Quantize)
+# What runs the frozen LLM: PyTorch (any device) or llama.cpp (CPU; model/llamacpp.py).
+LLMBackend = Literal["torch", "llamacpp"]
+LLM_BACKENDS: tuple[LLMBackend, ...] = get_args(LLMBackend)
 MODALITIES: tuple[Modality, ...] = ("image", "audio", "video")
 
 
 class ModelConfigError(ValueError):
     """The model directory or its config is missing something; the message names it."""
+
+
+def torch_load_for_backend(
+    backend: LLMBackend, device: str, dtype: str, quantize: Quantize
+) -> tuple[str, str, Quantize]:
+    """How PyTorch loads the model for an LLM backend: (device, dtype, quantize). llama.cpp runs
+    on the CPU from bfloat16 weights unless told otherwise (half the bytes a decode step reads)
+    and quantizes its own copy (int8 -> Q8_0), so PyTorch loads the LLM unquantized; nf4 has no
+    llama.cpp counterpart. ValueError names what cannot run."""
+    if backend == "torch":
+        return device, dtype, quantize
+    if device == "cuda":
+        raise ValueError("--llm-backend llamacpp runs on the CPU: use --device cpu")
+    if quantize == "nf4":
+        raise ValueError("--llm-backend llamacpp takes --quantize none or int8 (Q8_0)")
+    return "cpu", "bfloat16" if dtype == "auto" else dtype, "none"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from xllm.model.config import Quantize
+from xllm.model.config import LLMBackend, Quantize, torch_load_for_backend
 
 if TYPE_CHECKING:
     from xllm.server.engine.config import EngineConfig
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         description="intra-op threads of the model worker on the CPU; default: cores - 1 "
         "(torch's one per core starves the event loop and the media pool)",
     )
-    llm_backend: Literal["torch", "llamacpp"] = Field(
+    llm_backend: LLMBackend = Field(
         "torch",
         description="what runs the frozen LLM: PyTorch (any device), or llama.cpp on the CPU "
         "(a several times faster decode step; needs pip install 'xllm[llamacpp]'; Llama-"
@@ -140,21 +140,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _llamacpp_on_the_cpu(self) -> Settings:
-        if self.llm_backend == "llamacpp":
-            if self.device == "cuda":
-                raise ValueError("--llm-backend llamacpp runs on the CPU: use --device cpu")
-            self.device = "cpu"  # also where "auto" would pick a GPU
-            if self.dtype == "auto":  # bf16 weights: half the bytes a decode step reads
-                self.dtype = "bfloat16"
-            if self.quantize == "nf4":
-                raise ValueError("--llm-backend llamacpp takes --quantize none or int8 (Q8_0)")
+        # "auto" becomes the CPU (where it would pick a GPU) and bfloat16 under llama.cpp
+        self.device, self.dtype, _ = self._torch_load()
         return self
+
+    def _torch_load(self) -> tuple[str, str, Quantize]:
+        return torch_load_for_backend(self.llm_backend, self.device, self.dtype, self.quantize)
 
     @property
     def torch_quantize(self) -> Quantize:
         """The quantization PyTorch applies when it loads the LLM: none where llama.cpp runs
         it (llama.cpp quantizes its own copy, EngineConfig.llamacpp_quantize)."""
-        return "none" if self.llm_backend == "llamacpp" else self.quantize
+        return self._torch_load()[2]
 
     def api_keys(self) -> list[str]:
         keys = [self.api_key.get_secret_value()] if self.api_key else []

@@ -8,11 +8,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
-from xllm.model.config import Quantize
+from xllm.model.config import LLMBackend, Quantize
 from xllm.model.kv_cache import kv_bytes_per_position
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class EngineConfig:
     # What runs the frozen LLM over the KV slots (model/generate.py `SlotLLM`): PyTorch on any
     # device, or llama.cpp on the CPU (model/llamacpp.py), which writes its own copy of the
     # weights quantized as llamacpp_quantize says (int8: Q8_0); PyTorch then loads it unquantized
-    llm_backend: Literal["torch", "llamacpp"] = "torch"
+    llm_backend: LLMBackend = "torch"
     llamacpp_quantize: Quantize = "none"
 
 

@@ -1,4 +1,5 @@
-"""The real `xllm` command in subprocesses: init-tiny, generate (plain, nf4, int8), user errors.
+"""The real `xllm` command in subprocesses: init-tiny, generate (plain, nf4, int8, on llama.cpp),
+user errors.
 
 The subprocess runs are independent, so each group is started at once and run side by side.
 """
@@ -201,6 +202,8 @@ def test_over_long_prompt(runs, fps10_model: Path, files) -> None:
         (["--top-p", "1.5"], ["top_p"]),
         (["--image", "{tmp}/x.png"], ["x.png"]),
         (["--prompt", "<image> <image>", "--image", "{png}"], ["2 <image>", "1 image"]),
+        (["--llm-backend", "llamacpp", "--quantize", "nf4"], ["none or int8"]),
+        (["--llm-backend", "llamacpp", "--device", "cuda"], ["runs on the CPU"]),
     ],
 )
 def test_user_errors_in_process(tiny_model_dir, files, tmp_path, capsys, argv, words) -> None:
@@ -275,3 +278,44 @@ def test_int8_weight_only_linear_is_the_dequantized_matmul() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     assert int8_weight_only(model) == 2
     assert [type(m) for m in model] == [Int8WeightOnlyLinear, torch.nn.ReLU, Int8WeightOnlyLinear]
+
+
+def test_generate_on_llamacpp_streams_what_torch_streams(tiny_llama_model_dir: Path, files) -> None:
+    """`--llm-backend llamacpp` runs the frozen LLM on llama.cpp with the image's tokens going in
+    as embeddings: in float32 its logits are PyTorch's to float tolerance, so the same seeded
+    sample (sampled, not greedy: the tiny random LLM repeats one empty token when greedy)."""
+    argv = ["generate", "--model", str(tiny_llama_model_dir), "--prompt", PROMPT, "--image"]
+    argv += [str(files["image"]), "--max-tokens", "16", "--ignore-eos", "--temperature", "1"]
+    argv += ["--seed", "7", "--dtype", "float32", "--device", "cpu", "--llm-backend"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        torch_run, llamacpp_run = pool.map(lambda b: run(*argv, b), ("torch", "llamacpp"))
+    for result in (torch_run, llamacpp_run):
+        assert result.returncode == 0, explain(result)
+    assert len(torch_run.stdout.strip()) >= 8
+    assert llamacpp_run.stdout == torch_run.stdout
+
+
+def test_generate_on_llamacpp_decodes_every_token_there(
+    tiny_llama_model_dir: Path, monkeypatch, capsys
+) -> None:
+    """The reply's tokens come from llama.cpp's slots, not PyTorch's (in process, counted)."""
+    from xllm.main import main
+    from xllm.model import llamacpp
+
+    calls: list[str] = []
+
+    class CountingSlots(llamacpp.LlamaCppSlots):
+        def prefill(self, *args, **kwargs):
+            calls.append("prefill")
+            return super().prefill(*args, **kwargs)
+
+        def decode(self, *args, **kwargs):
+            calls.append("decode")
+            return super().decode(*args, **kwargs)
+
+    monkeypatch.setattr(llamacpp, "LlamaCppSlots", CountingSlots)
+    argv = ["generate", "--model", str(tiny_llama_model_dir), "--prompt", "hi", "--max-tokens"]
+    argv += ["5", "--ignore-eos", "--device", "cpu", "--llm-backend", "llamacpp"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert calls == ["prefill"] + ["decode"] * 4  # the first token comes from the prefill
