@@ -33,7 +33,7 @@ from xllm.model.train.config import TrainConfig
 from xllm.model.train.data import Example, Sample
 from xllm.model.x2l.cformer import CFormer, quantity_loss
 from xllm.model.x2l.transcript_prior import piece_embeddings
-from xllm.model.xllm import XLLM, speech_pieces
+from xllm.model.xllm import XLLM
 
 # The media kinds each --modality trains on.
 STAGE_KINDS: dict[str, frozenset[str]] = {
@@ -462,8 +462,7 @@ class DecoderStateStage1(Objective):
 
     def __init__(self, model: XLLM) -> None:
         super().__init__(model)
-        assert model.speech is not None
-        self.pieces = speech_pieces(model.speech, model.tokenizer)
+        self.pieces = model.whisper_pieces
 
     def forward(self, samples: Sequence[Sample]) -> StepOutput:
         if not samples:
