@@ -71,8 +71,11 @@ def load_model(
         raise ModelConfigError(
             f"{weights} not found: the model directory has no trained interfaces"
         )
-    # Encoders and interfaces run in float on the LLM's device; the LLM alone may be quantized.
-    encoder_dtype = torch_dtype if torch_device.type == "cuda" else torch.float32
+    # The frozen encoders run in the LLM's dtype on a GPU, and on the CPU in bfloat16 when that is
+    # asked for (oneDNN's AVX-512 BF16 / AMX matmuls; float16 has no fast CPU path), else float32;
+    # the interfaces stay float32 (encode() casts between). The LLM alone may be quantized.
+    half_ok = torch_device.type == "cuda" or torch_dtype == torch.bfloat16
+    encoder_dtype = torch_dtype if half_ok else torch.float32
     for module in (vision, speech):
         if module is not None:
             module.to(torch_device, encoder_dtype)

@@ -153,7 +153,7 @@ def test_invalid_json(model_copy: Path) -> None:
 
 
 def test_half_precision_encoders_feed_float32_interfaces(tiny_model_dir: Path, media) -> None:
-    """On a GPU load_model keeps the encoders in bf16 and the interfaces in float32; encode() must
+    """With bf16 encoders (a GPU, or --dtype bfloat16) the interfaces stay float32; encode() must
     bridge the two (it used to fail on audio with "mat1 and mat2 must have the same dtype")."""
     model = load_model(tiny_model_dir, device="cpu")
     reference = multimodal_logits(model, media)
@@ -166,6 +166,19 @@ def test_half_precision_encoders_feed_float32_interfaces(tiny_model_dir: Path, m
     assert half.dtype == torch.float32
     if half.shape == reference.shape:  # bf16 features may move a CIF fire count by one
         assert (half - reference).abs().max() < 0.5
+
+
+@pytest.mark.parametrize(
+    ("dtype", "encoders"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)]
+)
+def test_cpu_encoders_run_in_bfloat16_when_asked(tiny_model_dir: Path, dtype, encoders) -> None:
+    """--dtype bfloat16 on the CPU puts the encoders in bf16 beside the LLM (the CPU's fast half
+    type); the default stays float32; the interfaces are float32 either way."""
+    model = load_model(tiny_model_dir, device="cpu", dtype=dtype)
+    assert model.llm.dtype == encoders
+    for encoder in (model.vision, model.speech):
+        assert {p.dtype for p in encoder.parameters()} == {encoders}
+    assert {p.dtype for m in model.interfaces().values() for p in m.parameters()} == {torch.float32}
 
 
 @pytest.mark.gpu
