@@ -47,6 +47,14 @@ class PreparedMedia:
     decode_seconds: float = 0.0
     preprocess_seconds: float = 0.0
 
+    @property
+    def encoder_inputs(self) -> int:
+        """What its encoding costs, counted as the encoders batch: images and video frames
+        through the vision tower, windows through the speech encoder."""
+        frames = 0 if self.pixels is None else self.pixels.shape[0]
+        windows = 0 if self.audio_features is None else self.audio_features.shape[0]
+        return frames + windows
+
 
 class MediaPreparer:
     """Decoded media -> `PreparedMedia`: pixels for the vision tower, log-mel windows for speech.

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         "(xllm.json sampling.max_tokens)",
     )
     encoder_cache_mb: int = Field(256, ge=0, description="encoder output cache size in MB")
+    max_encoder_batch: int | None = Field(
+        None,
+        ge=1,
+        description="encoder inputs (images, video frames, audio windows) the requests admitted "
+        "in one engine iteration may bring; the rest wait for the next, so first tokens and "
+        "running streams go on between the encodings of a burst of media (a request over it "
+        "alone is encoded alone). Default: no limit",
+    )
     prefix_cache: bool = Field(
         True,
         description="reuse the K/V of a prompt's prefix that a KV slot still holds (a finished "
@@ -176,6 +184,7 @@ class Settings(BaseSettings):
             prefill_chunk=self.prefill_chunk,
             default_max_tokens=self.default_max_tokens,
             encoder_cache_mb=self.encoder_cache_mb,
+            max_encoder_batch=self.max_encoder_batch,
             prefix_cache=self.prefix_cache,
             stall_timeout=self.stall_timeout or None,
             compile=self.compile,

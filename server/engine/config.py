@@ -34,6 +34,10 @@ class EngineConfig:
     # max_tokens of a request that gives none; None: the model's own (xllm.json `sampling`)
     default_max_tokens: int | None = None
     encoder_cache_mb: int = 256
+    # Encoder inputs (images, video frames, audio windows; cached media cost nothing) that one
+    # iteration's admissions may bring; None: no limit. Bounds the time an iteration spends
+    # encoding, so a burst of media requests gets first tokens group by group.
+    max_encoder_batch: int | None = None
     # Reuse the K/V of a prompt's prefix that a slot still holds (a finished or running
     # sequence's; server/engine/prefix_cache.py) instead of prefilling it again
     prefix_cache: bool = True

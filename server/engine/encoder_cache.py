@@ -34,6 +34,10 @@ class EncoderCache:
         self.hits += 1
         return item
 
+    def __contains__(self, key: str) -> bool:
+        """Held (pinned or in the LRU); a look that is no use: no hit or miss counted."""
+        return key in self.pinned or key in self._items
+
     def put(self, key: str, item: EncodedMedia) -> None:
         size = encoded_bytes(item)
         if size > self.max_bytes or key in self._items:

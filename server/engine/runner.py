@@ -113,6 +113,14 @@ class ModelRunner:
         return replace(CompileOptions.for_device(device), backend=config.compile_backend)
 
     # --- prompts ---
+    def encoder_inputs(self, request: EngineRequest) -> int:
+        """The encoder inputs (images, frames, audio windows) a request's media still need:
+        those of media the encoder cache holds cost nothing."""
+        todo = {
+            item.digest: item for item in request.media if item.digest not in self.encoder_cache
+        }
+        return sum(item.encoder_inputs for item in todo.values())
+
     @torch.inference_mode()
     def encode(self, requests: list[EngineRequest]) -> list[list[EncodedMedia]]:
         """Encode every media item of the admitted requests, batched, through the cache."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from xllm.server.engine.prefix_cache import Copy, PrefixCache
@@ -86,12 +86,22 @@ class Scheduler:
         self.waiting.append(sequence)
         return sequence
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots, oldest first."""
+    def admit(
+        self, budget: int | None = None, cost: Callable[[Sequence], int] | None = None
+    ) -> list[Sequence]:
+        """Move waiting sequences into free slots, oldest first. With a budget, the admitted
+        sequences' `cost` (their media's encoder inputs) stays within it: the oldest one that
+        would pass it waits for the next iteration, unless it comes first (a video larger than
+        the budget is encoded alone rather than never)."""
         admitted = []
+        spent = 0
         # a leader only when there is a slot for each of its followers too (they take theirs
         # in phase FORK and are not returned: their prompt is the leader's)
         while self.waiting and len(self.free_slots) > len(self.waiting[0].followers):
+            if budget is not None and cost is not None:
+                spent += cost(self.waiting[0])
+                if admitted and spent > budget:
+                    break
             sequence = self.waiting.popleft()
             sequence.slot = self._take_slot()
             sequence.phase = Phase.PREFILL

@@ -249,7 +249,8 @@ class EngineLoop:
         self._fail(Failure(self._every_sequence(), message))
 
     def _admit(self) -> None:
-        admitted = self.scheduler.admit()
+        budget = self.runner.config.max_encoder_batch
+        admitted = self.scheduler.admit(budget, lambda s: self.runner.encoder_inputs(s.request))
         if not admitted:
             return
         now = time.monotonic()

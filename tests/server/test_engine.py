@@ -53,6 +53,24 @@ def test_scheduler_admits_oldest_first_and_reuses_slots():
     assert names(scheduler.admit()) == ["c"] and entries[2].slot == 0
 
 
+def test_an_encoder_budget_admits_oldest_first_within_it():
+    """Costs are the sequences' encoder inputs: within the budget, in order; the oldest that
+    would pass it waits (no overtaking), unless it is the first, which goes in alone."""
+    scheduler = Scheduler(num_slots=8, prefill_chunk=4)
+    cost = dict(zip("abcdefg", [1, 2, 0, 2, 5, 1, 0], strict=True))
+    for s in sequences(*"abcdefg"):
+        scheduler.add(s)
+
+    def admit() -> list[str]:
+        return names(scheduler.admit(3, lambda s: cost[s.request.request_id]))
+
+    assert admit() == ["a", "b", "c"]  # 1 + 2 + 0; d (2 more) waits
+    assert admit() == ["d"]  # e (5) waits behind it, though f (1) would fit
+    assert admit() == ["e"]  # over the budget alone: encoded alone rather than never
+    assert admit() == ["f", "g"]
+    assert names(scheduler.admit()) == []
+
+
 def test_prefill_chunks_share_one_budget_per_iteration_and_keep_their_boundaries():
     scheduler = Scheduler(num_slots=4, prefill_chunk=8)
     a, b, c, d = (scheduler.add(s) for s in sequences(*"abcd"))
@@ -299,7 +317,10 @@ def test_nan_logits_are_reported_not_streamed(model):
         engine.shutdown()
 
 
-def test_media_of_requests_admitted_together_is_encoded_in_one_batch(model):
+@pytest.mark.parametrize(("budget", "batches"), [(None, [4]), (3, [3, 1]), (2, [2, 2])])
+def test_media_of_requests_admitted_together_is_encoded_in_one_batch(model, budget, batches):
+    """Requests admitted in one iteration share one vision call; --max-encoder-batch splits a
+    burst into iterations of at most that many images (a cached image costs nothing)."""
     from PIL import Image
 
     calls: list[int] = []
@@ -310,7 +331,7 @@ def test_media_of_requests_admitted_together_is_encoded_in_one_batch(model):
         return original(pixels)
 
     model.vision.forward = counting
-    engine = Engine(model, EngineConfig(max_batch=4, max_queue=4))
+    engine = Engine(model, EngineConfig(max_batch=4, max_queue=4, max_encoder_batch=budget))
     images = [model.prepare("image", Image.new("RGB", (40, 30), (i * 40, 0, 0))) for i in range(4)]
 
     async def submit_all() -> list:
@@ -337,7 +358,7 @@ def test_media_of_requests_admitted_together_is_encoded_in_one_batch(model):
         model.vision.forward = original
         engine.shutdown()
     assert all(isinstance(r, FinishEvent) for r in results)
-    assert calls == [4]  # four slots admitted together: one vision call for four images
+    assert calls == batches  # four slots: four new images, then the fifth request's repeat
     assert (
         engine.runner.encoder_cache.hits == 1
     )  # the fifth request reused the first one's encoding
