@@ -11,8 +11,9 @@ command runs again, so an interrupted build continues where it stopped; `xllm tr
 from their last checkpoint):
 
     parts      fetch, check (sha256) and convert the three pinned parts into $XLLM_HOME
-    data       `xllm data scenes` manifests (per-manifest sizes in `Scale.data_n`) and held-out
-               speech in held-out voices and sentences (DIR/heldout), for evaluation only
+    data       `xllm data scenes` manifests (per-manifest sizes in `Scale.data_n`; each spoken
+               question's clip also a transcription row) and held-out speech in held-out
+               voices and sentences (DIR/heldout), for evaluation only
     answers    the frozen LLM's own greedy answers to the typed spoken questions, through
                `xllm serve` on the LLM alone: the targets of the spoken-question rows (stage 3)
     base       DIR/base: xllm.json naming the pinned parts + freshly initialised interfaces
@@ -190,7 +191,11 @@ class Recipe(PhasedRecipe):
         return found
 
     def data(self) -> dict[str, Any]:
-        from xllm.model.train.scenes import generate_heldout, generate_scenes
+        from xllm.model.train.scenes import (
+            generate_heldout,
+            generate_scenes,
+            transcribe_spoken_questions,
+        )
 
         s, written = self.scale, {}
         for manifest, n in s.data_n.items():
@@ -200,6 +205,9 @@ class Recipe(PhasedRecipe):
             )
             written[manifest] = {"rows": n, "seconds": round(time.time() - start, 1)}
             log.info("data %s: %d rows in %.0f s (%s)", manifest, n, time.time() - start, paths)
+        written["spoken transcribed"] = {
+            split: transcribe_spoken_questions(self.data_dir, split) for split in ("train", "val")
+        }
         start = time.time()
         generate_heldout(self.out / "heldout", s.heldout_n, self.seed + 1, self.jobs)
         written["heldout"] = {"rows": s.heldout_n, "seconds": round(time.time() - start, 1)}

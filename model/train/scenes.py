@@ -521,6 +521,28 @@ def generate_heldout(
     return toy.write_manifests(root, plan, toy.run_jobs(make_row, plan, jobs))
 
 
+def transcribe_spoken_questions(root: str | Path, split: str) -> int:
+    """Add each spoken question's clip to the speech manifest as a transcription row (its text:
+    the question as typed). The same clip is then written down when asked to transcribe and
+    answered when not: the pair teaches the frozen LLM, which follows a spoken instruction
+    rather than copy it, which one the user asked for. Clips already there are not added again;
+    the file is replaced whole. Returns how many rows were added."""
+    root = Path(root)
+    speech = root / f"speech_{split}.jsonl"
+    rows = [json.loads(line) for line in speech.read_text().splitlines() if line.strip()]
+    present = {row["audio"] for row in rows}
+    spoken = root / f"spoken_{split}.jsonl"
+    added = [
+        {"audio": q["audio"], "text": q["typed"], "source": q["source"], "speech": q["speech"]}
+        for q in (json.loads(line) for line in spoken.read_text().splitlines() if line.strip())
+        if q["audio"] not in present
+    ]
+    temporary = speech.with_name(speech.name + ".tmp")
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows + added))
+    os.replace(temporary, speech)
+    return len(added)
+
+
 def fill_llm_answers(manifest: str | Path, answer_fn: Callable[[str], str]) -> int:
     """Write the frozen LLM's answer to each unfilled spoken question of a manifest.
 

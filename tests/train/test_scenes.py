@@ -27,6 +27,7 @@ from xllm.model.train.scenes import (
     generate_heldout,
     generate_scenes,
     plural,
+    transcribe_spoken_questions,
 )
 from xllm.model.train.sentences import (
     CLEAN,
@@ -89,6 +90,25 @@ def test_fill_llm_answers_makes_trainable_rows(scenes_dir: Path, tmp_path: Path)
         assert row["conversations"][0]["content"] == SPOKEN_PROMPT
     assert len(read_manifest(manifest).examples) == N
     assert fill_llm_answers(manifest, answer) == 0 and rows(manifest) == written
+
+
+def test_spoken_questions_are_also_transcription_rows(scenes_dir: Path, tmp_path: Path) -> None:
+    for name in ("speech", "spoken"):
+        (tmp_path / f"{name}_train.jsonl").write_text(
+            (scenes_dir / f"{name}_train.jsonl").read_text()
+        )
+    for folder in ("audio", "spoken"):
+        (tmp_path / folder).symlink_to(scenes_dir / folder)
+    before = rows(tmp_path / "speech_train.jsonl")
+    assert transcribe_spoken_questions(tmp_path, "train") == N
+    after = rows(tmp_path / "speech_train.jsonl")
+    assert after[: len(before)] == before
+    questions = rows(tmp_path / "spoken_train.jsonl")
+    assert [(r["audio"], r["text"]) for r in after[len(before) :]] == [
+        (q["audio"], q["typed"]) for q in questions
+    ]
+    assert len(read_manifest(tmp_path / "speech_train.jsonl").examples) == len(before) + N
+    assert transcribe_spoken_questions(tmp_path, "train") == 0  # a rerun adds nothing
 
 
 def foreground_blobs(image: np.ndarray, background: tuple[int, int, int]) -> list[np.ndarray]:
