@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xllm.model.train.toy import COLORS, DIRECTIONS, SHAPES
+from xllm.model.train.toy import COLORS, DIRECTIONS, SHAPES, manifest_rows
 
 WORDS = {"color": set(COLORS), "shape": set(SHAPES), "direction": set(DIRECTIONS)}
 
@@ -123,10 +123,6 @@ class LocalClient:
         return "".join(d.text for d in generate(model.llm, model.tokenizer, embeds, params))
 
 
-def rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def word_f1(a: str, b: str) -> float:
     """Word-overlap F1 of two answers (bags of words, case and punctuation ignored)."""
     from collections import Counter
@@ -174,7 +170,7 @@ def evaluate(
             examples[task].append({"prompt": prompt, "answer": answer, "ok": ok})
 
     captions = ("What is in the image?", "Describe the image.", "What do you see?")
-    for i, row in enumerate(rows(data / "image_train.jsonl")[:n]):
+    for i, row in enumerate(manifest_rows(data / "image_train.jsonl")[:n]):
         image = data / row["image"]
         if "text" not in row:  # a question row: the scene is in the image's other rows' words
             continue
@@ -196,7 +192,7 @@ def evaluate(
             want = {"shape": scene["shape"]}
             job = ("image_shape", "What shape is it?", files, 24)
         jobs.append((*job, lambda a, w=want: names_exactly(a, w)))
-    for i, row in enumerate(rows(data / "video_train.jsonl")[:n]):
+    for i, row in enumerate(manifest_rows(data / "video_train.jsonl")[:n]):
         if "text" in row:
             scene = scene_of(row["text"])
         else:
@@ -214,17 +210,19 @@ def evaluate(
     if scenes is not None:
         asr_sets.insert(0, ("asr_heldout_sentences", scenes / "speech_heldout.jsonl"))
     for task, manifest in asr_sets:
-        for row in rows(manifest)[:n]:
+        for row in manifest_rows(manifest)[:n]:
             files = [("audio", manifest.parent / row["audio"])]
             score = lambda a, t=row["text"]: wer_counts(t, a)  # noqa: E731
             jobs.append((task, "Transcribe the audio.", files, 64, score))
-    spoken = [r for r in rows(data / "mixed_train.jsonl") if "image" in r and "audio" in r][:n]
+    spoken = [
+        r for r in manifest_rows(data / "mixed_train.jsonl") if "image" in r and "audio" in r
+    ][:n]
     for row in spoken:
         scene = scene_of(row["conversations"][-1]["content"])
         prompt = "Answer the spoken question about the image."
         files = [("image", data / row["image"]), ("audio", data / row["audio"])]
         jobs.append(("spoken_question", prompt, files, 24, lambda a, s=scene: names_exactly(a, s)))
-    for row in rows(scene_images) if scene_images is not None else []:
+    for row in manifest_rows(scene_images) if scene_images is not None else []:
         if "conversations" not in row:
             continue
         question, expected = (t["content"] for t in row["conversations"][:2])
@@ -236,7 +234,9 @@ def evaluate(
         score = lambda a, e=expected: says_all_of(a, e)  # noqa: E731
         jobs.append((f"scene_{kind}", question, files, 24, score))
     typed: dict[str, str] = {}
-    spoken_general = rows(scenes / "spoken_heldout.jsonl")[:n] if scenes is not None else []
+    spoken_general = (
+        manifest_rows(scenes / "spoken_heldout.jsonl")[:n] if scenes is not None else []
+    )
     for row in spoken_general:  # the typed answers first: the spoken ones are scored on them
         jobs.append(
             ("typed", row["typed"], [], 96, lambda a, q=row["typed"]: typed.setdefault(q, a))

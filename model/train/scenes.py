@@ -28,9 +28,7 @@ With `generate_heldout` (--heldout N), for evaluation only:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,7 +40,15 @@ from PIL import Image, ImageDraw
 
 from xllm.model.train import speech_synth, toy
 from xllm.model.train.sentences import Sentence, is_heldout, sentence_pool, sentences
-from xllm.model.train.toy import Job, article, chat, relative, sentence
+from xllm.model.train.toy import (
+    Job,
+    article,
+    chat,
+    manifest_rows,
+    relative,
+    replace_manifest,
+    sentence,
+)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     **toy.COLORS,
@@ -529,17 +535,14 @@ def transcribe_spoken_questions(root: str | Path, split: str) -> int:
     the file is replaced whole. Returns how many rows were added."""
     root = Path(root)
     speech = root / f"speech_{split}.jsonl"
-    rows = [json.loads(line) for line in speech.read_text().splitlines() if line.strip()]
+    rows = manifest_rows(speech)
     present = {row["audio"] for row in rows}
-    spoken = root / f"spoken_{split}.jsonl"
     added = [
         {"audio": q["audio"], "text": q["typed"], "source": q["source"], "speech": q["speech"]}
-        for q in (json.loads(line) for line in spoken.read_text().splitlines() if line.strip())
+        for q in manifest_rows(root / f"spoken_{split}.jsonl")
         if q["audio"] not in present
     ]
-    temporary = speech.with_name(speech.name + ".tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows + added))
-    os.replace(temporary, speech)
+    replace_manifest(speech, rows + added)
     return len(added)
 
 
@@ -552,7 +555,7 @@ def fill_llm_answers(manifest: str | Path, answer_fn: Callable[[str], str]) -> i
     as it was. Returns how many rows were filled.
     """
     path = Path(manifest)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = manifest_rows(path)
     answers: dict[str, str] = {}
     filled = 0
     for row in rows:
@@ -566,7 +569,5 @@ def fill_llm_answers(manifest: str | Path, answer_fn: Callable[[str], str]) -> i
         row["target"] = answers[row["typed"]]
         row["conversations"] = chat(SPOKEN_PROMPT, row["target"])
         filled += 1
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(temporary, path)
+    replace_manifest(path, rows)
     return filled

@@ -442,6 +442,18 @@ def run_jobs(
         return list(pool.map(make, plan, chunksize=4))
 
 
+def manifest_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL manifest (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def replace_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write a manifest whole through a temporary file: an interrupted write leaves it as it was."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(temporary, path)
+
+
 def write_manifests(root: Path, plan: list[Job], rows: list[dict[str, Any]]) -> dict[str, Path]:
     """<manifest>_<split>.jsonl under root, rows in plan order; returns the paths by name."""
     written: dict[str, Path] = {}
