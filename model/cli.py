@@ -125,8 +125,7 @@ def run_generate(args: argparse.Namespace) -> int:
         from xllm.model.llamacpp import LlamaCppSlots, gguf_weights_for
 
         weights = gguf_weights_for(model.llm.dtype, args.quantize)
-        # llama.cpp pads a context to a multiple of 256 positions (per sequence, its spare too)
-        length = -(-(len(prompt) + params.max_tokens) // 256) * 256
+        length = len(prompt) + params.max_tokens
         slots = LlamaCppSlots(model.llm, 1, length, weights, torch.get_num_threads())
     for delta in generate(model.llm, model.tokenizer, prompt.embeds, params, slots=slots):
         sys.stdout.write(delta.text)

@@ -32,6 +32,8 @@ from xllm.model.kv_cache import kv_shape
 
 log = logging.getLogger("xllm.llamacpp")
 
+CONTEXT_PAD = 256  # positions: llama.cpp's padding of a context's size
+
 INSTALL_HINT = "pip install 'xllm[llamacpp]' (it builds llama.cpp from source: gcc and cmake)"
 
 
@@ -73,6 +75,9 @@ class LlamaCppSlots:
     ) -> None:
         self._lib = lib = import_llama_cpp()
         self.num_slots, self.max_len = num_slots, max_len
+        # KV cells per sequence: llama.cpp pads a context to a multiple of CONTEXT_PAD and would
+        # split an unpadded one unevenly between the sequences
+        self._cells = -(-max_len // CONTEXT_PAD) * CONTEXT_PAD
         self.spare = num_slots  # the exchange's temporary sequence
         if num_slots + 1 > lib.llama_max_parallel_sequences():
             raise ModelConfigError(
@@ -100,7 +105,7 @@ class LlamaCppSlots:
         if not self._model:
             raise ModelConfigError("llama.cpp could not load the LLM's GGUF")
         params = lib.llama_context_default_params()
-        params.n_ctx = (num_slots + 1) * max_len
+        params.n_ctx = (num_slots + 1) * self._cells
         params.n_seq_max = num_slots + 1
         params.kv_unified = False
         if kv_f32:
@@ -129,7 +134,7 @@ class LlamaCppSlots:
     @property
     def bytes(self) -> int:
         """The KV cache's size (all streams, the spare included)."""
-        return (self.num_slots + 1) * self.max_len * self._bytes_per_cell
+        return (self.num_slots + 1) * self._cells * self._bytes_per_cell
 
     # --- forwards ---
     def prefill(
