@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from xllm.model.config import (
 )
 from xllm.model.encoders.speech import SpeechEncoder
 from xllm.model.encoders.vision import VisionEncoder, load_prefixed_state_dict
-from xllm.model.llm import Quantize, load_llm, pick_device, pick_dtype
+from xllm.model.llm import Quantize, cpu_bf16_is_fast, load_llm, pick_device, pick_dtype
 from xllm.model.xllm import XLLM
+
+log = logging.getLogger("xllm.model")
 
 
 def load_model(
@@ -72,10 +75,13 @@ def load_model(
             f"{weights} not found: the model directory has no trained interfaces"
         )
     # The frozen encoders run in the LLM's dtype on a GPU, and on the CPU in bfloat16 when that is
-    # asked for (oneDNN's AVX-512 BF16 / AMX matmuls; float16 has no fast CPU path), else float32;
-    # the interfaces stay float32 (encode() casts between). The LLM alone may be quantized.
-    half_ok = torch_device.type == "cuda" or torch_dtype == torch.bfloat16
+    # asked for and the CPU has native bfloat16 matmuls (oneDNN's AVX-512 / AMX; float16 has no
+    # fast CPU path), else float32; the interfaces stay float32 (encode() casts between). The LLM
+    # alone may be quantized.
+    half_ok = torch_device.type == "cuda" or (torch_dtype == torch.bfloat16 and cpu_bf16_is_fast())
     encoder_dtype = torch_dtype if half_ok else torch.float32
+    if torch_dtype == torch.bfloat16 and not half_ok and (vision or speech):
+        log.info("encoders run in float32: this CPU has no native bfloat16 matmuls")
     for module in (vision, speech):
         if module is not None:
             module.to(torch_device, encoder_dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelConfigError("--device cuda was asked for, but no CUDA device is available")
     return torch.device(device)
+
+
+@functools.cache
+def cpu_bf16_is_fast() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (oneDNN's AVX-512 / AVX-512 BF16 / AMX
+    kernels). Without them (e.g. AVX2 only) PyTorch emulates bfloat16 and its matmuls run several
+    to tens of times slower than float32 (docs/PERFORMANCE.md, "CPUs without bfloat16")."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

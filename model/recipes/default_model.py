@@ -168,8 +168,15 @@ class Recipe(PhasedRecipe):
     scales = SCALES
     stage_runs = STAGE_RUNS
     warmup_divisor = 10
-    # bf16 autocast for the frozen LLM; a checkpoint every 50 steps (a run may outlast a session)
-    train_flags = ("--precision", "bf16", "--save-every", "50")
+
+    @property
+    def train_flags(self) -> tuple[str, ...]:  # type: ignore[override]
+        """bf16 autocast for the frozen LLM where the CPU has native bf16 matmuls (float32
+        elsewhere: emulated bf16 is far slower); a checkpoint every 50 steps (a run may outlast
+        a session)."""
+        from xllm.model.llm import cpu_bf16_is_fast
+
+        return ("--precision", "bf16" if cpu_bf16_is_fast() else "fp32", "--save-every", "50")
 
     @property
     def base(self) -> Path:

@@ -8,10 +8,14 @@ float32. CPU training runs in float32 unless `--precision bf16` is given.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
+from xllm.model.llm import cpu_bf16_is_fast
 from xllm.model.train.config import TrainConfig
+
+log = logging.getLogger("xllm.train")
 
 # The name `load_model` takes for the frozen components' dtype, per autocast dtype.
 STORAGE_DTYPE = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -23,6 +27,11 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     if config.precision == "fp32":
         return None
     if device.type != "cuda":
+        if config.precision == "bf16" and not cpu_bf16_is_fast():
+            log.warning(
+                "--precision bf16 on a CPU without native bfloat16 matmuls: they are emulated, "
+                "far slower than float32 (use --precision fp32)"
+            )
         return torch.bfloat16 if config.precision == "bf16" else None
     if config.precision == "fp16" or not torch.cuda.is_bf16_supported():
         return torch.float16

@@ -169,16 +169,34 @@ def test_half_precision_encoders_feed_float32_interfaces(tiny_model_dir: Path, m
 
 
 @pytest.mark.parametrize(
-    ("dtype", "encoders"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)]
+    ("dtype", "native_bf16", "llm", "encoders"),
+    [
+        ("auto", True, torch.float32, torch.float32),
+        ("bfloat16", True, torch.bfloat16, torch.bfloat16),
+        ("bfloat16", False, torch.bfloat16, torch.float32),
+    ],
 )
-def test_cpu_encoders_run_in_bfloat16_when_asked(tiny_model_dir: Path, dtype, encoders) -> None:
-    """--dtype bfloat16 on the CPU puts the encoders in bf16 beside the LLM (the CPU's fast half
-    type); the default stays float32; the interfaces are float32 either way."""
-    model = load_model(tiny_model_dir, device="cpu", dtype=dtype)
-    assert model.llm.dtype == encoders
+def test_cpu_encoders_run_in_bfloat16_when_asked_and_native(
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    dtype: str,
+    native_bf16: bool,
+    llm: torch.dtype,
+    encoders: torch.dtype,
+) -> None:
+    """--dtype bfloat16 on the CPU puts the encoders in bf16 beside the LLM where the CPU has
+    native bf16 matmuls; on one without (AVX2: emulated, several times slower than float32) they
+    stay float32 and the log says why. The default stays float32; the interfaces are float32."""
+    monkeypatch.setattr("xllm.model.checkpoint.cpu_bf16_is_fast", lambda: native_bf16)
+    with caplog.at_level("INFO", logger="xllm.model"):
+        model = load_model(tiny_model_dir, device="cpu", dtype=dtype)
+    assert model.llm.dtype == llm
     for encoder in (model.vision, model.speech):
         assert {p.dtype for p in encoder.parameters()} == {encoders}
     assert {p.dtype for m in model.interfaces().values() for p in m.parameters()} == {torch.float32}
+    told = "no native bfloat16" in caplog.text
+    assert told == (llm != encoders)
 
 
 @pytest.mark.gpu
