@@ -70,3 +70,29 @@ def test_train_runs_take_every_core_only_when_alone(tmp_path: Path, monkeypatch)
     assert recipe_main(["--out", str(tmp_path)], Probe, "probe") == 0
     assert recipe_main(["--out", str(tmp_path), "--phase", "x"], Probe, "probe") == 0
     assert seen == [("run", os.cpu_count()), ("phase", 1)]
+
+
+def test_training_uses_bfloat16_autocast_only_where_the_cpu_has_it(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """The default-model recipe trains under bf16 autocast on CPUs with native bf16 matmuls and
+    in float32 elsewhere (emulated bf16 is far slower); `--precision bf16` asked for on such a
+    CPU still runs, with a warning."""
+    import torch
+
+    from xllm.model.recipes.default_model import Recipe
+    from xllm.model.train.config import TrainConfig
+    from xllm.model.train.precision import autocast_dtype
+
+    recipe = Recipe(tmp_path, "smoke", 0, 1)
+    cpu = torch.device("cpu")
+    for native, precision in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr("xllm.model.llm.cpu_bf16_is_fast", lambda native=native: native)
+        monkeypatch.setattr("xllm.model.train.precision.cpu_bf16_is_fast", lambda n=native: n)
+        flags = recipe.train_flags
+        assert flags[flags.index("--precision") + 1] == precision
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="xllm.train"):
+            assert autocast_dtype(TrainConfig(precision="bf16"), cpu) == torch.bfloat16
+        assert ("emulated" in caplog.text) == (not native)
+        assert autocast_dtype(TrainConfig(precision="auto"), cpu) is None  # float32 by default
