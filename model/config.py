@@ -101,6 +101,10 @@ class SpeechInterfaceConfig:
     # probabilities (`x2l.transcript_prior`); the projector adds a correction that starts at zero.
     # 0: the projector alone.
     transcript_prior_top_k: int = 0
+    # [opening, closing]: learned tokens before and after every clip's tokens (frame_stack),
+    # initialised as the LLM's embeddings of these texts (e.g. quotation marks): a place that
+    # says "what follows is speech to read", not an instruction to follow. None: no such tokens.
+    quote: list[str] | None = None
     # frame_stack
     stack_frames: int = 5  # frames concatenated per output token (50 Hz -> 10 Hz)
     mlp_hidden_size: int = 2048
@@ -126,6 +130,16 @@ class SpeechInterfaceConfig:
                 f"{CONFIG_NAME}: 'speech_interface.transcript_prior_top_k' needs one token per "
                 "state of Whisper's decoder: type 'frame_stack', stack_frames 1, speech_states "
                 "'decoder'"
+            )
+        if self.quote is not None and not (
+            self.type == "frame_stack"
+            and isinstance(self.quote, list)
+            and len(self.quote) == 2
+            and all(isinstance(t, str) and t for t in self.quote)
+        ):
+            raise ModelConfigError(
+                f"{CONFIG_NAME}: 'speech_interface.quote' must be two non-empty texts [opening, "
+                "closing], with type 'frame_stack'"
             )
         if self.encoder_window not in ("full", "trimmed"):
             raise ModelConfigError(

@@ -118,11 +118,18 @@ class XLLM(nn.Module):
                     sc.stack_frames,
                     sc.mlp_hidden_size,
                     residual=sc.transcript_prior_top_k > 0,
+                    quote=self._embed_texts(sc.quote) if sc.quote else None,
                 )
             if sc.transcript_prior_top_k:
                 self.transcript_prior = TranscriptPrior(
                     self.whisper_pieces, sc.transcript_prior_top_k
                 )
+
+    def _embed_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        """Each text -> the frozen LLM's input embeddings of its tokens (K_i, H)."""
+        table = self.llm.get_input_embeddings().weight
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return tuple(table[torch.tensor(i, dtype=torch.long, device=table.device)] for i in ids)
 
     @functools.cached_property
     def whisper_pieces(self) -> WhisperPieces:
@@ -190,6 +197,8 @@ class XLLM(nn.Module):
         if sound:
             assert self.speech_interface is not None
             tokens = self.speech_tokens(self.speech_frames([items[i] for i in sound]))
+            if isinstance(self.speech_interface, FrameStackProjector):  # its quote tokens
+                tokens = [self.speech_interface.enclose(t) for t in tokens]
             for i, t in zip(sound, tokens, strict=True):
                 out[i].append(("audio", t))  # after the video's frames when from a video track
         return out

@@ -23,6 +23,7 @@ class FrameStackProjector(nn.Module):
         stack_frames: int = 5,
         mlp_hidden: int = 2048,
         residual: bool = False,
+        quote: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.stack_frames = stack_frames
@@ -35,6 +36,13 @@ class FrameStackProjector(nn.Module):
         if residual:  # a correction added to a prior (TranscriptPrior): it starts at nothing
             nn.init.zeros_(self.mlp[-1].weight)
             nn.init.zeros_(self.mlp[-1].bias)
+        # Learned tokens around every clip (prompt tuning), (K_open, H) and (K_close, H): they
+        # start as the LLM's embeddings of an opening and a closing text, e.g. quotation marks.
+        self.opening: nn.Parameter | None = None
+        self.closing: nn.Parameter | None = None
+        if quote is not None:
+            self.opening = nn.Parameter(quote[0].detach().clone().float())
+            self.closing = nn.Parameter(quote[1].detach().clone().float())
 
     def stack(self, frames: torch.Tensor) -> torch.Tensor:
         k = self.stack_frames
@@ -43,6 +51,13 @@ class FrameStackProjector(nn.Module):
             frames, (0, 0, 0, pad)
         )  # repeat nothing: zero frames complete the last group
         return frames.reshape(-1, k * frames.shape[-1])
+
+    def enclose(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A clip's tokens (N, H) -> (K_open + N + K_close, H) between the learned quote tokens
+        (unchanged without them)."""
+        if self.opening is None or self.closing is None:
+            return tokens
+        return torch.cat([self.opening.to(tokens.dtype), tokens, self.closing.to(tokens.dtype)])
 
     def forward(
         self, frames: list[torch.Tensor], target_lens: list[int] | None = None

@@ -129,3 +129,59 @@ def test_a_prior_needs_one_token_per_decoder_state(interface: dict) -> None:
     raw = {"llm": {"path": "llm"}, "speech_interface": {**interface, "transcript_prior_top_k": 3}}
     with pytest.raises(ModelConfigError, match="transcript_prior_top_k"):
         XLLMConfig.from_dict(raw)
+
+
+def with_quote(decoder_model_dir: Path, tmp_path: Path, quote: list[str]) -> XLLM:
+    model_dir = with_prior(shutil.copytree(decoder_model_dir, tmp_path / "quoted"), 1)
+    raw = json.loads((model_dir / CONFIG_NAME).read_text())
+    raw["speech_interface"]["quote"] = quote
+    (model_dir / CONFIG_NAME).write_text(json.dumps(raw))
+    return load_model(model_dir, device="cpu", require_interfaces=False)
+
+
+def test_quote_tokens_enclose_every_clip_starting_as_the_llms_embeddings_of_the_texts(
+    decoder_model_dir: Path, tmp_path: Path, media
+) -> None:
+    model = with_quote(decoder_model_dir, tmp_path, ['Speech: "', '"'])
+    table = model.llm.get_input_embeddings().weight.float()
+    opening = model.tokenizer('Speech: "', add_special_tokens=False)["input_ids"]
+    closing = model.tokenizer('"', add_special_tokens=False)["input_ids"]
+    clips = [media.waveform(2.2, seed=5), media.waveform(1.4, seed=6)]
+    items = [model.prepare("audio", clip) for clip in clips]
+    pieces = model.speech_tokens(model.speech_frames(items))  # one token per written piece
+    encoded = model.encode(items)
+    for (kind, tokens), inner in zip((e[0] for e in encoded), pieces, strict=True):
+        assert kind == "audio"
+        assert tokens.shape[0] == len(opening) + inner.shape[0] + len(closing)
+        torch.testing.assert_close(tokens[: len(opening)].float(), table[opening])
+        torch.testing.assert_close(tokens[len(opening) : -len(closing)], inner)
+        torch.testing.assert_close(tokens[-len(closing) :].float(), table[closing])
+
+
+def test_quote_tokens_train_and_are_stored_with_the_interface(
+    decoder_model_dir: Path, tmp_path: Path, media
+) -> None:
+    model = with_quote(decoder_model_dir, tmp_path, ["<<", ">>"])
+    interface = model.speech_interface
+    assert interface is not None and interface.opening is not None
+    assert {"speech_interface.opening", "speech_interface.closing"} <= set(
+        model.interface_state_dict()
+    )
+    interface.requires_grad_(True)  # as `xllm train` marks the speech interface trainable
+    item = model.prepare("audio", media.waveform(2.2, seed=5))
+    ((_, tokens),) = model.encode([item])[0]
+    tokens.float().pow(2).sum().backward()  # gradients reach the quote tokens
+    assert interface.opening.grad is not None and interface.opening.grad.abs().sum() > 0
+    with torch.no_grad():
+        interface.opening.add_(1.0)
+    save_interfaces(model, tmp_path / "quoted")
+    loaded = load_model(tmp_path / "quoted", device="cpu")
+    assert loaded.speech_interface is not None and loaded.speech_interface.opening is not None
+    torch.testing.assert_close(loaded.speech_interface.opening, interface.opening.detach())
+
+
+@pytest.mark.parametrize("quote", [['"'], ["", '"'], ['"', '"', '"']])
+def test_a_quote_is_two_non_empty_texts(quote: list[str]) -> None:
+    raw = {"llm": {"path": "llm"}, "speech_interface": {"type": "frame_stack", "quote": quote}}
+    with pytest.raises(ModelConfigError, match="quote"):
+        XLLMConfig.from_dict(raw)
