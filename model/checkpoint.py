@@ -80,11 +80,11 @@ def load_model(
     # alone may be quantized.
     half_ok = torch_device.type == "cuda" or (torch_dtype == torch.bfloat16 and cpu_bf16_is_fast())
     encoder_dtype = torch_dtype if half_ok else torch.float32
-    if torch_dtype == torch.bfloat16 and not half_ok and (vision or speech):
+    encoders = [m for m in (vision, speech) if m is not None]
+    if torch_dtype == torch.bfloat16 and not half_ok and encoders:
         log.info("encoders run in float32: this CPU has no native bfloat16 matmuls")
-    for module in (vision, speech):
-        if module is not None:
-            module.to(torch_device, encoder_dtype)
+    for module in encoders:
+        module.to(torch_device, encoder_dtype)
     for module in model.interfaces().values():
         module.to(torch_device).eval().requires_grad_(False)
     if model.transcript_prior is not None:  # its piece table; no weights of its own

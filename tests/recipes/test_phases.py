@@ -87,8 +87,8 @@ def test_training_uses_bfloat16_autocast_only_where_the_cpu_has_it(
     recipe = Recipe(tmp_path, "smoke", 0, 1)
     cpu = torch.device("cpu")
     for native, precision in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr("xllm.model.llm.cpu_bf16_is_fast", lambda native=native: native)
-        monkeypatch.setattr("xllm.model.train.precision.cpu_bf16_is_fast", lambda n=native: n)
+        for where in ("xllm.model.llm", "xllm.model.train.precision"):
+            monkeypatch.setattr(f"{where}.cpu_bf16_is_fast", lambda n=native: n)
         flags = recipe.train_flags
         assert flags[flags.index("--precision") + 1] == precision
         caplog.clear()
