@@ -1,4 +1,5 @@
-"""Fetching http(s) media URLs: only from hosts the operator allowed, never private addresses.
+"""Media given by URL: base64 data URIs decoded, http(s) URLs fetched only from hosts the operator
+allowed, never from private addresses.
 
 Every hop (the URL and each redirect) is checked: scheme, host on the allow-list, and every
 address the host resolves to public. The connection then goes to the address that was checked,
@@ -10,6 +11,8 @@ upload limit, and the whole fetch, redirects included, at `timeout` seconds.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import ipaddress
 import socket
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -20,6 +23,22 @@ from xllm.server.errors import ServingError
 
 MAX_REDIRECTS = 3
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def decode_base64(payload: str, what: str) -> bytes:
+    """Base64 text -> its bytes; a 400 naming `what` when it is not valid base64."""
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServingError(f"{what} is not valid base64", 400) from None
+
+
+def data_uri_bytes(url: str, kind: str) -> bytes:
+    """The bytes of a `data:<type>;base64,...` URI given for `kind` media."""
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header:
+        raise ServingError(f"{kind} data URI must be base64 ('data:<type>;base64,...')", 400)
+    return decode_base64(payload, f"{kind} data URI")
 
 
 def _public(address: str) -> bool:

@@ -10,8 +10,6 @@ become a proper status code.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
 import uuid
@@ -45,7 +43,7 @@ from xllm.server.errors import ServingError
 from xllm.server.files import FileLimits, FileStore, StoredFile
 from xllm.server.metrics import Metrics
 from xllm.server.protocol import ChatCompletionRequest, CompletionRequest
-from xllm.server.remote_media import RemoteMediaFetcher
+from xllm.server.remote_media import RemoteMediaFetcher, data_uri_bytes, decode_base64
 from xllm.server.stages import add_engine_stages, add_media_stages, add_stage
 from xllm.server.structured import ToolPlan, call_text, response_format_grammar, tool_plan
 
@@ -520,7 +518,7 @@ class ChatService:
                 elif part.type == "video_url":
                     kind, data = "video", await self._media_url(part.video_url.url, "video")
                 else:
-                    kind, data = "audio", _b64(part.input_audio.data, "input_audio.data")
+                    kind, data = "audio", decode_base64(part.input_audio.data, "input_audio.data")
                 media.append(MediaInput(kind, data))
                 text += f"<{kind}>"
             turns.append((role, "\n".join([text, *calls]).strip("\n")))
@@ -573,12 +571,7 @@ class ChatService:
 
     async def _media_url(self, url: str, kind: str) -> bytes:
         if url.startswith("data:"):
-            header, sep, payload = url.partition(",")
-            if not sep or ";base64" not in header:
-                raise ServingError(
-                    f"{kind} data URI must be base64 ('data:<type>;base64,...')", 400
-                )
-            return _b64(payload, f"{kind} data URI")
+            return data_uri_bytes(url, kind)
         if url.startswith(("http://", "https://")):
             start = time.monotonic()
             data = await self.fetcher.fetch(url)
@@ -594,10 +587,3 @@ def _refuse_unsupported(used: dict[str, bool]) -> None:
     for name, is_used in used.items():
         if is_used:
             raise ServingError(f"'{name}' is not supported by this server", 400)
-
-
-def _b64(payload: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ServingError(f"{what} is not valid base64", 400) from None
